@@ -12,19 +12,26 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, ImageTooLargeError, NotAnImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageInput", "LoadedImage", "load_image", "to_rgb", "atomic_write_bytes"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageInput",
+    "LoadedImage",
+    "load_image",
+    "to_rgb",
+    "atomic_write_bytes",
+    "save_image",
+]
 
 # 64 MP: larger than any camera photo a user would feed a face model, far below what a decompression bomb asks for.
 DEFAULT_MAX_PIXELS = 64_000_000
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,9 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None) -> LoadedImage:
+def load_image(
+    source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> LoadedImage:
     """Load an image from a path, encoded bytes, a PIL image or a numpy array.
 
     Args:
@@ -151,9 +160,7 @@ def load_image(source: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXEL
         except OSError as error:
             raise ImageReadError(label, f"cannot read file ({error.strerror or error})") from error
     else:
-        raise NotAnImageError(
-            name or type(source).__name__, "expected a path, bytes, a PIL image or a numpy array"
-        )
+        raise NotAnImageError(name or type(source).__name__, "expected a path, bytes, a PIL image or a numpy array")
 
     if not data:
         raise ImageReadError(label, "file is empty")
@@ -195,3 +202,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_image(path: str | os.PathLike, image: np.ndarray | Image.Image, **png_info: str) -> Path:
+    """Encode ``image`` as PNG and write it atomically; ``png_info`` entries become text chunks."""
+    from PIL import PngImagePlugin
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    info = PngImagePlugin.PngInfo()
+    for key, value in png_info.items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())

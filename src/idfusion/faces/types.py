@@ -119,13 +119,14 @@ class FaceDetector(Protocol):
 class FaceRecognizer(Protocol):
     """Turns faces into identity embeddings.
 
-    ``embed`` receives the whole RGB image and the faces' 5 ArcFace-order landmarks (``(N, 5, 2)``), and does its
-    own alignment, because recognizers differ in the crop they expect (ArcFace 112x112, dlib 150x150 chips).
+    ``embed`` receives the whole RGB image, the faces' 5 ArcFace-order landmarks (``(N, 5, 2)``) and boxes
+    (``(N, 4)``), and does its own alignment, because recognizers differ in the crop they expect: ArcFace models
+    take the 112x112 template crop from the landmarks, dlib runs its own 5-point predictor inside the box.
     """
 
     name: str
     dim: int
 
-    def embed(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """Return ``(N, dim)`` float32 embeddings, one per landmark set, not normalised."""
+    def embed(self, image: np.ndarray, landmarks: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+        """Return ``(N, dim)`` float32 embeddings, one per face, not normalised."""
         ...

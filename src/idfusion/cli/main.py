@@ -1,0 +1,75 @@
+"""The ``idfusion`` command: a thin shell over the public API.
+
+Each subcommand lives in its own module with ``register(subparsers)`` and ``run(args) -> int``. User errors
+(:class:`~idfusion.errors.IdfusionError` and invalid values) print one line and exit non-zero; a traceback is only
+shown with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+# subcommand name -> module under idfusion.cli
+SUBCOMMANDS = {
+    "faces": "faces",
+    "make-tiny": "make_tiny",
+}
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idfusion",
+        description="Zero-shot identity-preserving image generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"idfusion {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(f"{__package__}.{module_name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import IdfusionError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="idfusion: %(levelname)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("idfusion: interrupted", file=sys.stderr)
+        return 130
+    except (IdfusionError, ValueError) as error:
+        if args.debug:
+            raise
+        print(f"idfusion {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"idfusion {args.command}: internal error: {type(error).__name__}: {error} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Write tiny random checkpoints in the exact layouts of official releases, for tests and demos with no downloads.
+
+Each *method* has one writer in :data:`MAKE_TINY`; :func:`make_tiny` runs it into a fresh folder. The files have the
+folder layout, file names, config fields and tensor key names of the real release, with tiny shapes and seeded random
+weights, so loading code written for the real files runs unchanged on them.
+
+Methods and the layouts they write (paths relative to the output folder):
+
+``sd15``
+    A ``StableDiffusionPipeline`` folder like the ``stable-diffusion-v1-5/stable-diffusion-v1-5`` diffusers release;
+    it loads with ``StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)`` and generates 64x64
+    images (the tiny UNet's ``sample_size`` is 8)::
+
+        model_index.json
+        feature_extractor/preprocessor_config.json
+        safety_checker/config.json
+        safety_checker/model.safetensors
+        scheduler/scheduler_config.json
+        text_encoder/config.json
+        text_encoder/model.safetensors
+        tokenizer/merges.txt                      (the real CLIP tokenizer, see clip_tokenizer.py)
+        tokenizer/special_tokens_map.json
+        tokenizer/tokenizer_config.json
+        tokenizer/vocab.json
+        unet/config.json
+        unet/diffusion_pytorch_model.safetensors
+        vae/config.json
+        vae/diffusion_pytorch_model.safetensors
+
+    Weight files use the release's key names, also under transformers 5 (which would write flat CLIP names):
+    ``text_model.…`` in the text encoder, ``vision_model.vision_model.…`` in the safety checker.
+
+``antelopev2``
+    The ONNX face models Arc2Face uses, written by ``idfusion.testing.onnx_faces.write_tiny_antelopev2`` (see that
+    module)::
+
+        scrfd_10g_bnkps.onnx                      (SCRFD-style face detector, as in InsightFace's antelopev2)
+        arcface.onnx                              (ArcFace-style recognizer, as in Arc2Face's release)
+
+Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
+folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
+the writer, so that this module stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from idfusion.errors import IdfusionError
+
+__all__ = ["MAKE_TINY", "OutputExistsError", "Writer", "make_tiny"]
+
+logger = logging.getLogger(__name__)
+
+Writer = Callable[[Path, int], list[Path]]
+
+
+class OutputExistsError(IdfusionError, FileExistsError):
+    """The output folder of :func:`make_tiny` is not empty (or is a file): a user error, not a bug."""
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    # transformers' save_pretrained shows a "Writing model shards" bar per model; restore the caller's setting after.
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _sd15_model_index() -> dict[str, object]:
+    import diffusers
+
+    # Written by hand rather than by pipeline.save_config: the release's model_index.json lists exactly these entries
+    # (a fresh save would add the optional ``image_encoder`` slot, which the release does not have).
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "requires_safety_checker": True,
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_sd15(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny SD1.5 ``StableDiffusionPipeline`` folder (layout in this module's docstring).
+
+    Args:
+        out_dir (`Path`): an existing, empty folder.
+        seed (`int`): seeds every model; each model gets its own derived seed so they are not correlated.
+
+    Returns:
+        `list[Path]`: the files written.
+    """
+    from idfusion.testing import components
+    from idfusion.testing.clip_tokenizer import save_clip_tokenizer
+
+    with _quiet_progress_bars():
+        components.tiny_unet(seed=seed).save_pretrained(out_dir / "unet", safe_serialization=True)
+        components.tiny_vae(seed=seed + 1).save_pretrained(out_dir / "vae", safe_serialization=True)
+        # transformers 5 would write flat CLIP key names; the release has the nested (transformers 4) ones.
+        components.save_pretrained_official(components.tiny_text_encoder(seed=seed + 2), out_dir / "text_encoder")
+        components.save_pretrained_official(components.tiny_safety_checker(seed=seed + 3), out_dir / "safety_checker")
+        components.tiny_feature_extractor().save_pretrained(out_dir / "feature_extractor")
+        components.tiny_scheduler().save_pretrained(out_dir / "scheduler")
+    save_clip_tokenizer(out_dir / "tokenizer")
+    (out_dir / "model_index.json").write_text(json.dumps(_sd15_model_index(), indent=2) + "\n", encoding="utf-8")
+    return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
+def write_antelopev2(out_dir: Path, seed: int) -> list[Path]:
+    """Write tiny random ``antelopev2`` ONNX face models (see ``idfusion.testing.onnx_faces``)."""
+    from idfusion.testing.onnx_faces import write_tiny_antelopev2
+
+    return write_tiny_antelopev2(out_dir, seed=seed)
+
+
+MAKE_TINY: dict[str, Writer] = {
+    "sd15": write_sd15,
+    "antelopev2": write_antelopev2,
+}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def make_tiny(method: str, out_dir: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """Write a tiny random checkpoint of ``method`` into ``out_dir``, in the layout of the official release.
+
+    The files are written to a temporary sibling folder that is renamed to ``out_dir`` when complete, so a failed run
+    never leaves a half-written checkpoint behind.
+
+    Args:
+        method (`str`): one of :data:`MAKE_TINY` (``"sd15"``, ``"antelopev2"``, ...).
+        out_dir (`str` or `os.PathLike`): the folder to create. It must not exist or be empty, unless ``overwrite``.
+        seed (`int`, *optional*, defaults to 0): the same seed writes the same weights.
+        overwrite (`bool`, *optional*, defaults to `False`): write into a non-empty ``out_dir``. Each top-level
+            entry of the checkpoint (a file, or a component folder such as ``unet/``) replaces the entry of that name,
+            so no stale file is left inside it; other entries of ``out_dir`` are left alone.
+
+    Returns:
+        `list[Path]`: the files written, sorted, as paths under ``out_dir``.
+
+    Raises:
+        ValueError: unknown ``method``.
+        OutputExistsError: ``out_dir`` is a file, or a non-empty folder and ``overwrite`` is false (an
+            ``IdfusionError`` and a ``FileExistsError``).
+    """
+    if method not in MAKE_TINY:
+        raise ValueError(f"unknown tiny checkpoint method {method!r}; choose one of: {', '.join(sorted(MAKE_TINY))}")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder; give the path of a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out}: folder is not empty; choose another folder, or overwrite it (overwrite=True, CLI --overwrite)"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        written = MAKE_TINY[method](tmp, seed)
+        relative = sorted({(p if p.is_absolute() else tmp / p).relative_to(tmp) for p in written})
+        tmp.chmod(0o755)  # mkdtemp makes it private; this is an ordinary output folder
+        if out.is_dir() and any(out.iterdir()):
+            for entry in sorted(tmp.iterdir()):
+                _remove(out / entry.name)
+                entry.rename(out / entry.name)
+        else:
+            if out.is_dir():
+                out.rmdir()
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote tiny %s checkpoint (%d files) to %s", method, len(relative), out)
+    return [out / p for p in relative]

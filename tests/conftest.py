@@ -1,0 +1,39 @@
+"""Shared fixtures: the real face photos and one dlib analyzer per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_faces_dir() -> Path | None:
+    """``$IDFUSION_TEST_FACES``, else ``shared/data/faces`` inside or beside the checkout."""
+    env = os.environ.get("IDFUSION_TEST_FACES")
+    candidates = [Path(env)] if env else []
+    candidates += [ROOT / "shared" / "data" / "faces", ROOT.parent / "shared" / "data" / "faces"]
+    for candidate in candidates:
+        if (candidate / "obama.jpg").is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    found = find_faces_dir()
+    if found is None:
+        message = "real face photos not found: set IDFUSION_TEST_FACES or place shared/data/faces beside the checkout"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI always has them; a skip there would hide a broken setup
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture(scope="session")
+def dlib_analyzer():
+    from idfusion.faces import FaceAnalyzer
+
+    return FaceAnalyzer("hog", "dlib", dense_landmarks=True)

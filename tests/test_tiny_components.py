@@ -1,0 +1,432 @@
+"""Tiny SD1.5 components, full-size SD1.5 configs on the meta device, and ``make_tiny`` checkpoint folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from safetensors import safe_open
+from transformers import CLIPTextModel
+
+from idfusion.errors import IdfusionError
+from idfusion.testing import MAKE_TINY, components, make_tiny
+from idfusion.testing.components import (
+    build_safety_checker,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    official_state_dict,
+    sd15_safety_checker_config,
+    sd15_text_encoder_config,
+    sd15_unet_config,
+    sd15_vae_config,
+    tiny_controlnet,
+    tiny_feature_extractor,
+    tiny_safety_checker,
+    tiny_scheduler,
+    tiny_text_encoder,
+    tiny_text_encoder_config,
+    tiny_unet,
+    tiny_unet_config,
+    tiny_vae,
+    tiny_vae_config,
+)
+
+SD15_FILES = {
+    "model_index.json",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+}
+PROMPT = "photo of a id person"
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def generate(pipe: StableDiffusionPipeline, seed: int = 0) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np").images
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Offline mode, and any socket connection fails: loading must not even try the hub."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sd15") / "stable-diffusion-v1-5"
+    make_tiny("sd15", out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd15_pipe(sd15_dir: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(sd15_dir, local_files_only=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_unet_has_sd15_topology():
+    unet = tiny_unet()
+    full = sd15_unet_config()
+    assert [type(b).__name__ for b in unet.down_blocks] == full["down_block_types"]
+    assert [type(b).__name__ for b in unet.up_blocks] == full["up_block_types"]
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    assert len(unet.config.block_out_channels) == 4  # four resolution levels, as per-block hooks expect
+    assert unet.config.cross_attention_dim == tiny_text_encoder().config.hidden_size
+    assert unet.config.sample_size * 8 == 64
+    assert not unet.training
+
+    sample = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        out = unet(sample, 10, encoder_hidden_states=context).sample
+    assert out.shape == sample.shape
+
+
+def test_tiny_vae_downsamples_8x():
+    vae = tiny_vae()
+    assert vae.config.latent_channels == 4 and vae.config.scaling_factor == 0.18215
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(image).latent_dist.mean
+        decoded = vae.decode(latent).sample
+    assert latent.shape == (1, 4, 8, 8) and decoded.shape == image.shape
+
+
+def test_tiny_text_encoder_matches_sd15_conventions(sd15_dir: Path):
+    from transformers import CLIPTokenizer
+
+    encoder = tiny_text_encoder()
+    cfg = encoder.config
+    assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_act) == (49408, 77, "quick_gelu")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 2, 1)  # SD1.5's old ids, kept on purpose
+    ids = CLIPTokenizer.from_pretrained(sd15_dir / "tokenizer")(
+        PROMPT, padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        out = encoder(ids)
+    assert out.last_hidden_state.shape == (1, 77, 32) and out.pooler_output.shape == (1, 32)
+
+
+@pytest.mark.parametrize("build", [tiny_unet, tiny_vae, tiny_text_encoder, tiny_safety_checker])
+def test_builders_are_deterministic_and_leave_global_rng_alone(build):
+    state = torch.random.get_rng_state()
+    a, b, c = build(seed=0), build(seed=0), build(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert same_weights(a, b)
+    assert not same_weights(a, c)
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(TypeError, match="block_out_channel"):
+        tiny_unet_config(block_out_channel=(8, 8))
+    assert tiny_unet(layers_per_block=2).config.layers_per_block == 2
+    # Keys outside the base config are accepted when the model class takes them.
+    assert tiny_unet_config(use_linear_projection=True)["use_linear_projection"] is True
+
+
+def test_tiny_controlnet_plugs_into_the_unet():
+    unet = tiny_unet()
+    controlnet = tiny_controlnet(unet)
+    assert isinstance(controlnet, ControlNetModel)
+    assert controlnet.config.cross_attention_dim == unet.config.cross_attention_dim
+    assert same_weights(controlnet.conv_in, unet.conv_in)  # from_unet copies the encoder half
+    assert same_weights(tiny_controlnet(unet).controlnet_cond_embedding, controlnet.controlnet_cond_embedding)
+
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        down, mid = controlnet(sample, 10, context, controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False)
+        out = unet(sample, 10, context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert out.sample.shape == sample.shape
+
+
+def test_tiny_safety_checker_and_feature_extractor():
+    extractor = tiny_feature_extractor()
+    assert extractor.crop_size == {"height": 224, "width": 224} and extractor.size == {"shortest_edge": 224}
+    pixels = extractor(np.zeros((64, 64, 3), dtype=np.uint8), return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 224, 224)
+    images = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
+    checked, nsfw = tiny_safety_checker()(images=images.copy(), clip_input=pixels)
+    assert nsfw == [False] and np.array_equal(checked, images)
+
+
+def test_scheduler_is_sd15_pndm():
+    scheduler = tiny_scheduler()
+    assert isinstance(scheduler, PNDMScheduler)
+    expected = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+    }
+    assert components.sd15_scheduler_config() == expected
+    assert {k: scheduler.config[k] for k in expected} == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Full-size configs on the meta device
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_full_size_sd15_builds_on_meta_with_official_parameter_counts():
+    with torch.device("meta"):
+        unet = build_unet(sd15_unet_config())
+        vae = build_vae(sd15_vae_config())
+        text_encoder = build_text_encoder(sd15_text_encoder_config())
+        # Same code path as the tiny models: only widths differ, so at the real depth the key names are identical.
+        tiny_deep_unet = build_unet(tiny_unet_config(layers_per_block=2))
+        tiny_deep_vae = build_vae(tiny_vae_config(layers_per_block=2))
+        tiny_deep_text = build_text_encoder(tiny_text_encoder_config(num_hidden_layers=12))
+    assert all(p.is_meta for p in unet.parameters())
+    assert n_params(unet) == 859_520_964
+    assert n_params(text_encoder) == 123_060_480
+    assert n_params(vae) == 83_653_863
+    assert unet.state_dict().keys() == tiny_deep_unet.state_dict().keys()
+    assert vae.state_dict().keys() == tiny_deep_vae.state_dict().keys()
+    assert text_encoder.state_dict().keys() == tiny_deep_text.state_dict().keys()
+
+
+def test_full_size_safety_checker_builds_on_meta():
+    with torch.device("meta"):
+        checker = build_safety_checker(sd15_safety_checker_config())
+    # CLIP ViT-L/14 vision tower + projection + concept embeddings; fits the release's 1.22 GB fp32 model.safetensors.
+    assert n_params(checker) == 303_981_588
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# make_tiny
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_make_tiny_sd15_writes_the_release_layout(sd15_dir: Path):
+    written = {p.relative_to(sd15_dir).as_posix() for p in sd15_dir.rglob("*") if p.is_file()}
+    assert written == SD15_FILES
+    assert not [p for p in sd15_dir.parent.iterdir() if p.name != sd15_dir.name]  # no temp folder left behind
+
+    index = json.loads((sd15_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert json.loads((sd15_dir / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    scheduler = json.loads((sd15_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "PNDMScheduler"
+    assert {k: scheduler[k] for k in components.sd15_scheduler_config()} == components.sd15_scheduler_config()
+
+
+@pytest.mark.parametrize(
+    ("file", "fresh", "official_keys"),
+    [
+        (
+            "unet/diffusion_pytorch_model.safetensors",
+            tiny_unet,
+            [
+                "conv_in.weight",
+                "time_embedding.linear_1.weight",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+                "up_blocks.3.attentions.0.proj_out.weight",
+            ],
+        ),
+        (
+            "vae/diffusion_pytorch_model.safetensors",
+            tiny_vae,
+            ["encoder.conv_in.weight", "quant_conv.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"],
+        ),
+        (
+            "text_encoder/model.safetensors",
+            tiny_text_encoder,
+            [
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight",
+                "text_model.encoder.layers.0.self_attn.q_proj.weight",
+                "text_model.final_layer_norm.weight",
+            ],
+        ),
+        (
+            "safety_checker/model.safetensors",
+            tiny_safety_checker,
+            [
+                "concept_embeds",
+                "special_care_embeds_weights",
+                "visual_projection.weight",
+                "vision_model.vision_model.embeddings.patch_embedding.weight",
+                "vision_model.vision_model.post_layernorm.weight",
+            ],
+        ),
+    ],
+)
+def test_safetensors_keys_are_official(sd15_dir: Path, file: str, fresh, official_keys: list[str]):
+    with safe_open(sd15_dir / file, framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    # Fresh models name their weights officially, except CLIP towers under transformers 5 (see official_state_dict).
+    expected = {key: tuple(value.shape) for key, value in official_state_dict(fresh()).items()}
+    assert shapes == expected
+    assert set(official_keys) <= shapes.keys()
+
+
+def test_official_names_reload_exactly(sd15_dir: Path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    for cls, folder, fresh in [
+        (CLIPTextModel, "text_encoder", tiny_text_encoder(seed=2)),
+        (StableDiffusionSafetyChecker, "safety_checker", tiny_safety_checker(seed=3)),
+    ]:
+        model, info = cls.from_pretrained(sd15_dir / folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (folder, info)
+        assert same_weights(model, fresh), folder
+
+
+def test_official_state_dict_leaves_clip_wrappers_alone():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    # CLIPTextModelWithProjection holds its tower as `text_model`, which already is the official prefix.
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_text_encoder_config(num_hidden_layers=1)))
+    assert list(official_state_dict(model)) == list(model.state_dict())
+    assert "text_model.embeddings.token_embedding.weight" in model.state_dict()
+
+
+def test_pipeline_loads_offline_and_is_reproducible(sd15_dir: Path, sd15_pipe: StableDiffusionPipeline, no_network):
+    assert isinstance(sd15_pipe.unet, UNet2DConditionModel) and isinstance(sd15_pipe.vae, AutoencoderKL)
+    assert isinstance(sd15_pipe.text_encoder, CLIPTextModel) and isinstance(sd15_pipe.scheduler, PNDMScheduler)
+    assert sd15_pipe.tokenizer(PROMPT).input_ids == [49406, 1125, 539, 320, 1014, 2533, 49407]
+
+    first = generate(sd15_pipe)
+    assert first.shape == (1, 64, 64, 3) and np.isfinite(first).all()
+    assert np.array_equal(generate(sd15_pipe), first)
+    assert not np.array_equal(generate(sd15_pipe, seed=1), first)
+
+    reloaded = StableDiffusionPipeline.from_pretrained(sd15_dir, local_files_only=True)
+    assert np.array_equal(generate(reloaded), first)
+
+
+def test_same_seed_writes_the_same_weights(sd15_dir: Path, tmp_path: Path):
+    files = make_tiny("sd15", tmp_path / "again", seed=0)
+    assert {p.relative_to(tmp_path / "again").as_posix() for p in files} == SD15_FILES
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (sd15_dir / name).read_bytes()
+
+
+def test_pipeline_runs_in_a_fresh_offline_process(sd15_dir: Path):
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported, so only a fresh process sees it as users set it.
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained({str(sd15_dir)!r}, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe({PROMPT!r}, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+        print(image.images.shape)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("(1, 64, 64, 3)")
+
+
+def test_make_tiny_refuses_unknown_method_and_non_empty_folder(tmp_path: Path):
+    with pytest.raises(ValueError, match="antelopev2.*sd15"):
+        make_tiny("sd99", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("user file")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_tiny("sd15", tmp_path / "busy")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IdfusionError):  # user error: the CLI prints it as one line
+        make_tiny("sd15", tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file"]  # nothing written, no temp folder
+
+
+def test_make_tiny_overwrite_replaces_component_folders(tmp_path: Path):
+    out = tmp_path / "ckpt"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "diffusion_pytorch_model.bin").write_text("stale")
+    (out / "notes.txt").write_text("user file")
+    files = make_tiny("sd15", out, overwrite=True)
+    assert {p.relative_to(out).as_posix() for p in files} == SD15_FILES
+    assert not (out / "unet" / "diffusion_pytorch_model.bin").exists()
+    assert (out / "notes.txt").read_text() == "user file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_make_tiny_registry():
+    assert {"sd15", "antelopev2"} <= MAKE_TINY.keys()
+    assert all(callable(writer) for writer in MAKE_TINY.values())
+
+
+def test_make_tiny_antelopev2(tmp_path: Path):
+    # onnx_faces.py is written separately; skip (rather than fail) only while it cannot be imported.
+    pytest.importorskip("idfusion.testing.onnx_faces")
+    out = tmp_path / "antelopev2"
+    files = make_tiny("antelopev2", out, seed=0)
+    assert files and all(p.is_file() and p.parent == out and p.suffix == ".onnx" for p in files)
+    assert sorted(files) == sorted(p for p in out.iterdir())
+
+
+def test_failed_writer_leaves_nothing_behind(tmp_path: Path, monkeypatch):
+    def broken(out_dir: Path, seed: int) -> list[Path]:
+        (out_dir / "half.json").write_text("{")
+        raise RuntimeError("writer failed")
+
+    monkeypatch.setitem(MAKE_TINY, "broken", broken)
+    with pytest.raises(RuntimeError, match="writer failed"):
+        make_tiny("broken", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_test_kit_is_cheap():
+    code = "import sys, idfusion.testing as t; assert 'torch' not in sys.modules; t.make_tiny; t.MAKE_TINY['sd15']"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
