@@ -160,3 +160,18 @@ def test_face_record_serialises(faces_dir, dlib_analyzer):
     record = dlib_analyzer.get(faces_dir / "obama.jpg").to_dict()
     assert set(record) >= {"bbox", "det_score", "landmarks", "embedding", "embedding_model", "embedding_dim"}
     assert len(record["embedding"]) == 128 and len(record["landmarks"]) == 5
+
+
+def test_mmod_cnn_detector(faces_dir):
+    import cv2
+
+    from idfusion.images import load_image
+
+    pixels = cv2.resize(load_image(faces_dir / "obama.jpg").array, (364, 455))  # small: the CNN is slow on CPU
+    analyzer = FaceAnalyzer("mmod", recognizer=None, upsample=0)
+    face = analyzer.get(pixels)
+    assert face.detector == "dlib-mmod"
+    # the same face HOG finds at full size (366, 136, 624, 394), scaled by 0.4
+    hog_box_scaled = np.array([366, 136, 624, 394]) * 0.4
+    centre = (face.bbox[:2] + face.bbox[2:]) / 2
+    assert np.linalg.norm(centre - (hog_box_scaled[:2] + hog_box_scaled[2:]) / 2) < 15
