@@ -18,6 +18,7 @@ from .. import __version__
 # subcommand name -> module under idfusion.cli
 SUBCOMMANDS = {
     "faces": "faces",
+    "generate": "generate",
     "make-tiny": "make_tiny",
 }
 
@@ -38,6 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal to idfusion's own lines and progress bars: the libraries' info messages and weight-loading
+    bars are noise to a CLI user (``--debug`` shows them)."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "diffusers", "huggingface_hub", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import IdfusionError
 
@@ -50,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if not args.debug:
+        _quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

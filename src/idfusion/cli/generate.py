@@ -1,0 +1,223 @@
+"""``idfusion generate``: face photo(s) + prompt in, PNG files with their generation metadata out."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+METHODS = ("arc2face", "adaface")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {number}")
+    return number
+
+
+def _seed(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if not 0 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"seeds must be between 0 and 2**63 - 1, got {number}")
+    return number
+
+
+def _finite(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _non_negative(value: str) -> float:
+    number = _finite(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return number
+
+
+def _lora(value: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:WEIGHT`` (weight defaults to 1.0)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path and not weight.startswith(("\\", "/")):
+        try:
+            return path, _finite(weight)
+        except argparse.ArgumentTypeError:
+            pass
+    return value, 1.0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..pipelines.common import SCHEDULERS
+
+    parser = subparsers.add_parser(
+        "generate",
+        help="make images of a person from face photo(s) and a prompt",
+        description="Generate images of the person in the face photo(s). Outputs are PNG files with the "
+        "generation metadata embedded (also as the 'parameters' text other Stable Diffusion tools read), plus a "
+        "contact sheet. Existing files are never overwritten.",
+    )
+    parser.add_argument("--method", choices=METHODS, help="identity method (required unless --from is given)")
+    parser.add_argument("--face", action="append", default=[], metavar="IMAGE", help="face photo; repeat for more")
+    parser.add_argument("--prompt", help="text prompt (Arc2Face ignores it: it only knows its own template)")
+    parser.add_argument("--negative-prompt", help="negative prompt (default: the method's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    parser.add_argument("--model", help="Hub repo id or local folder of the method's weights (default: official)")
+    parser.add_argument("--base-model", help="SD1.5 base model (Hub id or folder) for methods that use one")
+    parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
+    parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx)")
+    parser.add_argument("--num-images", type=_positive_int, help="images to make (default 1)")
+    parser.add_argument("--seed", type=_seed, help="seed of the first image; the next get seed+1, ... (default random)")
+    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the method's)")
+    parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: method's)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the method's)")
+    parser.add_argument("--width", type=_positive_int, help="image width, a multiple of 8 (default 512)")
+    parser.add_argument("--height", type=_positive_int, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument("--lcm", action="store_true", default=None, help="LCM-LoRA: 2-4 steps, guidance 1.0")
+    parser.add_argument("--id-scale", type=_finite, help="identity strength (AdaFace ID-CFG scale, default 1.0)")
+    parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
+    parser.add_argument("--controlnet-scale", type=_non_negative, default=None, help="ControlNet strength (1.0)")
+    parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32; float16 on GPUs is common)")
+    parser.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves VRAM)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
+    parser.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
+    parser.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE.png", help="make an idfusion PNG again")
+    parser.add_argument("--no-contact-sheet", action="store_true", help="do not write the contact sheet")
+    parser.set_defaults(run=run)
+
+
+# CLI argument -> (metadata key, pipeline argument); used to replay --from and to build the call.
+_REPLAYED = {
+    "prompt": ("prompt", "prompt"),
+    "negative_prompt": ("negative_prompt", "negative_prompt"),
+    "steps": ("steps", "num_inference_steps"),
+    "guidance": ("guidance_scale", "guidance_scale"),
+    "scheduler": ("scheduler", "scheduler"),
+    "width": ("width", "width"),
+    "height": ("height", "height"),
+    "lcm": ("lcm", "lcm"),
+    "id_scale": ("id_scale", "id_scale"),
+    "controlnet_scale": ("controlnet_conditioning_scale", "controlnet_conditioning_scale"),
+}
+
+
+def _apply_metadata(args: argparse.Namespace, meta: dict) -> None:
+    """Fill the arguments not given on the command line from an image's metadata."""
+    if args.method is None:
+        args.method = meta.get("method")
+    if args.method != meta.get("method"):
+        raise ValueError(f"{args.from_image} was made with {meta.get('method')}, not {args.method}")
+    if args.model is None:
+        args.model = meta.get("model")
+    if args.base_model is None:
+        args.base_model = meta.get("base_model")
+    for arg, (key, _) in _REPLAYED.items():
+        if getattr(args, arg) is None and key in meta:
+            setattr(args, arg, meta[key])
+    if args.seed is None:
+        args.seed = meta.get("seed")
+    if args.num_images is None:
+        args.num_images = 1
+    if not args.lora and meta.get("loras"):
+        args.lora = [(item["name"], float(item["weight"])) for item in meta["loras"]]
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple's MPS backend is not available on this machine")
+    if not (device == "cpu" or device == "mps" or device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return device, dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..outputs import contact_sheet, decode_array, output_paths, read_generation_metadata, save_generated_image
+    from ..pipelines import load_pipeline
+
+    id_embeds = None
+    if args.from_image is not None:
+        meta = read_generation_metadata(args.from_image)
+        _apply_metadata(args, meta)
+        if not args.face:
+            if "id_embeds" not in meta:
+                raise ValueError(f"{args.from_image}: its metadata has no identity embedding; pass --face")
+            id_embeds = decode_array(meta["id_embeds"])
+    if args.method is None:
+        raise ValueError("--method is required (arc2face or adaface), unless --from IMAGE.png is given")
+    if not args.face and id_embeds is None:
+        raise ValueError("give at least one --face photo (or --from an idfusion PNG)")
+    for path in (*args.face, args.controlnet_image):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{path}: file not found")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out}: exists and is not a folder")
+
+    device, dtype = _device_and_dtype(args)
+    load_kwargs = {"base_model": args.base_model, "face_model_dir": args.face_models}
+    if dtype is not None:
+        load_kwargs["torch_dtype"] = dtype
+    pipe = load_pipeline(args.method, args.model, **load_kwargs)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device if device != "cpu" else None)
+    else:
+        pipe.to(device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.attention_slicing:
+        pipe.enable_attention_slicing()
+    if args.detector is not None:
+        from ..faces import FaceAnalyzer
+
+        pipe.set_face_analyzer(FaceAnalyzer(args.detector, "onnx", model_dir=pipe.face_model_dir))
+
+    call = {
+        "num_images_per_prompt": args.num_images or 1,
+        "seed": args.seed,
+        "loras": args.lora,
+        "controlnet_image": args.controlnet_image,
+    }
+    for arg, (_, key) in _REPLAYED.items():
+        value = getattr(args, arg)
+        if value is not None:
+            call[key] = value
+    if "id_scale" in call and args.method == "arc2face":
+        raise ValueError("--id-scale is an AdaFace option; Arc2Face has no identity scale")
+    if "lcm" in call:
+        call["lcm"] = bool(call["lcm"])
+    if args.face:
+        call["faces"] = [str(p) for p in args.face]
+    else:
+        call["id_embeds"] = id_embeds
+
+    result = pipe(**call)
+    paths = output_paths(args.out, args.method, len(result.images))
+    for path, image, meta in zip(paths, result.images, result.metadata, strict=True):
+        save_generated_image(path, image, meta)
+        print(path)
+    if not args.no_contact_sheet:
+        sheet = contact_sheet(result.references, result.images, labels=[f"seed {m['seed']}" for m in result.metadata])
+        from ..images import save_image
+
+        sheet_path = paths[0].with_name(paths[0].stem + "_sheet.png")
+        save_image(sheet_path, sheet)
+        print(sheet_path)
+    return 0

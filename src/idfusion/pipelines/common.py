@@ -1,0 +1,278 @@
+"""What every identity pipeline shares: identity inputs, seeds, schedulers, LoRAs, outputs.
+
+Method pipelines are diffusers ``DiffusionPipeline`` subclasses with one ``__call__``. The SD1.5-family ones
+(Arc2Face, AdaFace) end in :meth:`IdentitySD15Mixin.denoise`, which runs diffusers' own StableDiffusionPipeline or
+StableDiffusionControlNetPipeline over the method's components, so schedulers, offloading, VAE tiling and LoRAs
+behave exactly as in diffusers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .. import __version__
+from ..errors import IdfusionError, ModelFilesError
+from ..faces import Face, FaceAnalyzer
+from ..images import ImageInput
+
+__all__ = [
+    "SCHEDULERS",
+    "IdentityPipelineOutput",
+    "IdentityInputError",
+    "FaceInput",
+    "make_scheduler",
+    "resolve_seeds",
+    "make_generators",
+    "IdentitySD15Mixin",
+]
+
+logger = logging.getLogger(__name__)
+
+FaceInput = ImageInput | Face
+
+# our name -> (diffusers class name, extra config). "dpm++" is diffusers' DPMSolverMultistep default (2M).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+class IdentityInputError(IdfusionError, ValueError):
+    """The identity given to a pipeline cannot be used (wrong embedding size, no faces, ...)."""
+
+
+@dataclass
+class IdentityPipelineOutput:
+    """Result of an identity pipeline.
+
+    Attributes:
+        images: the generated images (PIL, or arrays/tensors for other ``output_type`` values).
+        metadata: one dict per image with everything needed to make it again (see :mod:`idfusion.outputs`).
+        references: the reference face crops that defined the identity (112x112 ArcFace crops), for contact sheets.
+    """
+
+    images: list
+    metadata: list[dict]
+    references: list[np.ndarray] = field(default_factory=list)
+
+
+def make_scheduler(name: str, config: dict):
+    """A diffusers scheduler by our short name, built from a model's scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    class_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+def resolve_seeds(seed: int | Sequence[int] | None, num_images: int) -> list[int]:
+    """One seed per image: ``seed, seed + 1, ...`` for an int, the list as given, or fresh random seeds."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        seeds = [int(seed) + i for i in range(num_images)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != num_images:
+            raise ValueError(f"{len(seeds)} seeds given for {num_images} images; give one seed or one per image")
+    for s in seeds:
+        if not 0 <= s < 2**63:
+            raise ValueError(f"seeds must be between 0 and 2**63 - 1, got {s}")
+    return seeds
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    # CPU generators make the initial noise identical on every device, so a seed means the same image everywhere.
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+class IdentitySD15Mixin:
+    """Shared steps of the SD1.5-family identity pipelines (components: vae, text_encoder, tokenizer, unet,
+    scheduler, optional controlnet)."""
+
+    #: embedding the method needs from a face recognizer (None: any)
+    id_embedding_dim: int | None = 512
+    #: default values of __call__ arguments, per method
+    default_steps: int = 25
+    default_guidance_scale: float = 3.0
+    default_scheduler: str = "dpm++"
+
+    face_analyzer: FaceAnalyzer | None = None
+    face_model_dir: Path | None = None
+    model_info: dict[str, Any]
+
+    # ---- identity --------------------------------------------------------------------------------------------
+
+    def set_face_analyzer(self, analyzer: FaceAnalyzer | None) -> None:
+        """Use this analyzer for face inputs (by default an ONNX ArcFace analyzer is built on first use)."""
+        self.face_analyzer = analyzer
+
+    def _get_face_analyzer(self) -> FaceAnalyzer:
+        if self.face_analyzer is None:
+            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
+
+            try:
+                folder = resolve_onnx_model_dir(self.face_model_dir)
+                find_onnx_models(folder)
+            except ModelFilesError as error:
+                raise ModelFilesError(
+                    f"{type(self).__name__} needs a 512-d ArcFace embedding from an ONNX recognizer: put "
+                    "scrfd_10g_bnkps.onnx (insightface antelopev2) and arcface.onnx (FoivosPar/Arc2Face) in "
+                    f"the model folder's antelopev2/ or pass face_model_dir. {error}"
+                ) from error
+            self.face_analyzer = FaceAnalyzer("onnx", "onnx", model_dir=folder)
+        return self.face_analyzer
+
+    def prepare_id_embeds(
+        self,
+        faces: Sequence[FaceInput] | FaceInput | None = None,
+        id_embeds: torch.Tensor | np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """One identity from faces or precomputed embeddings.
+
+        Several faces are one person: the mean of their L2-normalised embeddings, normalised again (the averaging
+        the AdaFace release and the community Arc2Face tools use).
+
+        Returns:
+            ``(1, D)`` float32 unit embedding, and the reference crops (empty for precomputed embeddings).
+        """
+        if (faces is None) == (id_embeds is None):
+            raise IdentityInputError("give either faces or id_embeds (exactly one of them)")
+        references: list[np.ndarray] = []
+        if id_embeds is not None:
+            embeds = torch.as_tensor(np.asarray(id_embeds, dtype=np.float32))
+            if embeds.ndim == 1:
+                embeds = embeds[None]
+            source = "id_embeds"
+        else:
+            if not isinstance(faces, (list, tuple)):
+                faces = [faces]
+            if not faces:
+                raise IdentityInputError("faces is empty: give at least one face photo")
+            rows = []
+            for item in faces:
+                face = item if isinstance(item, Face) else self._get_face_analyzer().get(item)
+                if face.embedding is None:
+                    raise IdentityInputError(f"{face.source}: the face record has no embedding")
+                if self.id_embedding_dim is not None and face.embedding_dim != self.id_embedding_dim:
+                    raise IdentityInputError(
+                        f"{face.source}: {type(self).__name__} needs a {self.id_embedding_dim}-d ArcFace embedding, "
+                        f"but this face was embedded by {face.embedding_model} ({face.embedding_dim}-d). Install an "
+                        "ONNX ArcFace recognizer (arcface.onnx from FoivosPar/Arc2Face) in the model folder's "
+                        "antelopev2/ or $IDFUSION_FACE_MODELS, and analyse faces with recognizer='onnx'."
+                    )
+                rows.append(face.embedding)  # normalised below, exactly as precomputed embeddings are
+                if "arcface" in face.crops:
+                    references.append(face.crops["arcface"])
+            embeds = torch.as_tensor(np.stack(rows))
+            source = "faces"
+        if self.id_embedding_dim is not None and (embeds.ndim != 2 or embeds.shape[1] != self.id_embedding_dim):
+            raise IdentityInputError(
+                f"{source}: expected embeddings of shape (N, {self.id_embedding_dim}), got {tuple(embeds.shape)}"
+            )
+        if not torch.isfinite(embeds).all() or (embeds.norm(dim=1) < 1e-6).any():
+            raise IdentityInputError(f"{source}: embeddings must be finite and non-zero")
+        embeds = embeds / embeds.norm(dim=1, keepdim=True)
+        identity = embeds.mean(dim=0, keepdim=True)
+        return identity / identity.norm(dim=1, keepdim=True), references
+
+    # ---- sampling --------------------------------------------------------------------------------------------
+
+    def set_scheduler(self, name: str) -> None:
+        self.scheduler = make_scheduler(name, self.scheduler.config)
+        self.register_modules(scheduler=self.scheduler)
+
+    def load_loras(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
+        """Load LoRA files (diffusers or kohya format) and activate them with the given weights."""
+        names = []
+        for index, (path, _) in enumerate(loras):
+            name = f"lora{index}_{Path(str(path)).stem}".replace(".", "_")
+            if name not in self.get_list_adapters().get("unet", []):
+                self.load_lora_weights(str(path), adapter_name=name)
+            names.append(name)
+        if names:
+            self.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
+        return names
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The UNet's native size where not given (diffusers' convention), checked."""
+        native = self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
+        height, width = height or native, width or native
+        for name, value in (("height", height), ("width", width)):
+            if value < 64 or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}")
+        return height, width
+
+    def denoise(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        *,
+        generators: list[torch.Generator],
+        num_inference_steps: int,
+        guidance_scale: float,
+        height: int,
+        width: int,
+        controlnet_image: ImageInput | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+    ) -> list:
+        """Run SD1.5 sampling on ``(B, 77, D)`` prompt embeddings, one generator per image."""
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+        shared = dict(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        kwargs = dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+        )
+        if controlnet_image is None:
+            runner = StableDiffusionPipeline(**shared)
+        else:
+            if getattr(self, "controlnet", None) is None:
+                raise ModelFilesError(
+                    "a ControlNet image was given, but this model has no ControlNet (expected a controlnet/ folder "
+                    "with config.json and diffusion_pytorch_model.safetensors in the model folder)"
+                )
+            from ..images import load_image
+
+            condition = load_image(controlnet_image).to_pil().resize((width, height), PIL.Image.BICUBIC)
+            runner = StableDiffusionControlNetPipeline(**shared, controlnet=self.controlnet)
+            kwargs.update(image=condition, controlnet_conditioning_scale=controlnet_conditioning_scale)
+        runner.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        # The runner shares modules (and any offload hooks) with this pipeline; only the wrapper object is new.
+        return runner(**kwargs).images
+
+    def base_metadata(self, **values: Any) -> dict[str, Any]:
+        meta = {"idfusion_version": __version__, **self.model_info}
+        meta.update({k: v for k, v in values.items() if v is not None})
+        return meta

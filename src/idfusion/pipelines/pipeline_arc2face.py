@@ -1,0 +1,278 @@
+"""Arc2FacePipeline: face photo(s) or ArcFace embeddings in, images of that person out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+from ..hub import resolve_model_folder
+from ..images import ImageInput
+from ..methods import arc2face
+from ..outputs import encode_array, file_sha256
+from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_generators, make_scheduler, resolve_seeds
+
+__all__ = ["Arc2FacePipeline"]
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE = """
+    >>> import torch
+    >>> from idfusion.pipelines import Arc2FacePipeline
+    >>> pipe = Arc2FacePipeline.from_pretrained("FoivosPar/Arc2Face", torch_dtype=torch.float16).to("cuda")
+    >>> out = pipe(faces=["me.jpg"], num_images_per_prompt=4, seed=42)
+    >>> out.images[0].save("me_0.png")
+"""
+
+
+def _local_subfolder(folder: Path, name: str) -> Path | None:
+    candidate = folder / name
+    return candidate if candidate.is_dir() else None
+
+
+class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """Arc2Face generation (SD1.5 UNet + CLIP encoder fine-tuned on ArcFace identity).
+
+    Components: ``vae``, ``text_encoder`` (the Arc2Face encoder), ``tokenizer``, ``unet`` (the Arc2Face UNet),
+    ``scheduler`` and an optional pose ``controlnet``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["controlnet"]
+    id_embedding_dim = 512
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet=None):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            controlnet=controlnet,
+        )  # fmt: skip
+        self.model_info = {"method": "arc2face"}
+        self._base_scheduler_config = dict(scheduler.config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike = arc2face.DEFAULT_MODEL,
+        *,
+        base_model: str | os.PathLike | None = None,
+        face_model_dir: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        local_files_only: bool | None = None,
+        **kwargs,
+    ) -> Arc2FacePipeline:
+        """Load the official release (Hub id or local ``models/`` folder) or a folder saved with ``save_pretrained``.
+
+        Args:
+            pretrained_model_name_or_path: ``FoivosPar/Arc2Face`` (default) or a local folder with ``arc2face/``
+                and ``encoder/``.
+            base_model: the SD1.5 base for VAE, tokenizer and scheduler config. Default: a
+                ``stable-diffusion-v1-5/`` folder inside the model folder if there is one, else
+                ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+            face_model_dir: folder with ``scrfd_10g_bnkps.onnx`` and ``arcface.onnx``. Default: the model folder's
+                ``antelopev2/``, else idfusion's default face-model locations.
+            torch_dtype: dtype of every component (float32 when omitted, as diffusers).
+            local_files_only: never contact the Hub (also implied by ``HF_HUB_OFFLINE=1``).
+        """
+        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        local = Path(pretrained_model_name_or_path).expanduser()
+        if (local / "model_index.json").is_file():  # a pipeline saved by save_pretrained
+            pipe = super().from_pretrained(local, torch_dtype=torch_dtype, **kwargs)
+            pipe.model_info = {"method": "arc2face", "model": str(pretrained_model_name_or_path)}
+            pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
+            return pipe
+
+        folder = resolve_model_folder(
+            pretrained_model_name_or_path,
+            required=arc2face.REQUIRED_FILES,
+            what="Arc2Face",
+            allow_patterns=[*(p.split("|")[0].rsplit("/", 1)[0] + "/*" for p in arc2face.REQUIRED_FILES), *arc2face.OPTIONAL_PATTERNS],
+            local_files_only=local_files_only,
+        )
+        if base_model is None:
+            base_model = _local_subfolder(folder, "stable-diffusion-v1-5") or arc2face.DEFAULT_BASE_MODEL
+        base_folder = resolve_model_folder(
+            base_model,
+            required=arc2face.BASE_REQUIRED_FILES,
+            what="Stable Diffusion 1.5 base (VAE, tokenizer and scheduler for Arc2Face)",
+            allow_patterns=["vae/*", "tokenizer/*", "scheduler/*"],
+            local_files_only=local_files_only,
+        )
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        unet = UNet2DConditionModel.from_pretrained(folder / "arc2face", **dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "encoder", **dtype)
+        vae = AutoencoderKL.from_pretrained(base_folder / "vae", **dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(base_folder / "tokenizer")
+        base_scheduler = make_scheduler("pndm", _read_json(base_folder / "scheduler" / "scheduler_config.json"))
+        controlnet_folder = _local_subfolder(folder, "controlnet")
+        controlnet = ControlNetModel.from_pretrained(controlnet_folder, **dtype) if controlnet_folder else None
+
+        pipe = cls(vae, text_encoder, tokenizer, unet, base_scheduler, controlnet=controlnet)
+        pipe.model_info = {
+            "method": "arc2face",
+            "model": str(pretrained_model_name_or_path),
+            "base_model": str(base_model),
+            "model_files": {
+                "arc2face/diffusion_pytorch_model.safetensors": (folder / "arc2face/diffusion_pytorch_model.safetensors"),
+            },
+        }
+        pipe.face_model_dir = Path(face_model_dir) if face_model_dir else _local_subfolder(folder, "antelopev2")
+        pipe._lcm_lora = None
+        return pipe
+
+    def _model_metadata(self) -> dict:
+        info = dict(self.model_info)
+        files = info.pop("model_files", {})
+        if files:  # hashed on first use, cached per process: the UNet is 3.4 GB
+            info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
+        return info
+
+    def _activate_adapters(self, lcm: bool, loras: Sequence[tuple[str, float]], lcm_lora: str | None) -> list[dict]:
+        names, weights = [], []
+        if lcm:
+            source = lcm_lora or arc2face.DEFAULT_LCM_LORA
+            if getattr(self, "_lcm_lora", None) != source:
+                path = _lora_file(source, what="LCM-LoRA for SD1.5")
+                self.load_lora_weights(str(path), adapter_name="lcm")
+                self._lcm_lora = source
+            names.append("lcm")
+            weights.append(1.0)
+        user = self.load_loras(loras) if loras else []
+        names += user
+        weights += [float(w) for _, w in loras]
+        if names:
+            self.enable_lora()
+            self.set_adapters(names, adapter_weights=weights)
+        elif self.get_list_adapters():
+            self.disable_lora()
+        return [{"name": str(p), "weight": float(w)} for p, w in loras]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        faces: Sequence[FaceInput] | FaceInput | None = None,
+        *,
+        id_embeds: torch.Tensor | np.ndarray | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        lcm: bool = False,
+        lcm_lora: str | None = None,
+        controlnet_image: ImageInput | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        loras: Sequence[tuple[str, float]] = (),
+        output_type: str = "pil",
+        callback_on_step_end=None,
+    ) -> IdentityPipelineOutput:
+        """Generate images of the person in ``faces`` (or given by ``id_embeds``).
+
+        Args:
+            faces: photo(s) of one person (paths, bytes, PIL, arrays or :class:`~idfusion.faces.Face` records with
+                512-d ArcFace embeddings). Several photos are averaged into one identity.
+            id_embeds: ``(N, 512)`` or ``(512,)`` ArcFace embeddings instead of ``faces``.
+            prompt: not used by Arc2Face (the model only knows its template); a warning is logged.
+            negative_prompt: encoded with the Arc2Face encoder; defaults to the empty prompt, as the release.
+            num_images_per_prompt: images to make (one seed each).
+            seed: an int (images get ``seed, seed + 1, ...``), one seed per image, or ``None`` for random seeds.
+            num_inference_steps, guidance_scale, scheduler: default 25, 3.0, ``"dpm++"``; with ``lcm``: 2, 1.0,
+                ``"lcm"``.
+            height, width: output size (multiples of 8); default the UNet's native size (512 for Arc2Face).
+            lcm: use LCM-LoRA (``latent-consistency/lcm-lora-sdv1-5`` or ``lcm_lora``) for 2-4 step sampling.
+            controlnet_image: condition image for the release's pose ControlNet.
+            loras: ``(file, weight)`` pairs of extra LoRAs.
+
+        Returns:
+            :class:`IdentityPipelineOutput` with images, per-image metadata and reference crops.
+        """
+        # 1. Check inputs and fill method defaults
+        defaults = arc2face.LCM_DEFAULTS if lcm else arc2face.DEFAULTS
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
+        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        scheduler_name = scheduler or defaults["scheduler"]
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if not np.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
+        height, width = self.default_size(height, width)
+        seeds = resolve_seeds(seed, num_images_per_prompt)
+        if prompt:
+            logger.warning("Arc2Face is conditioned on identity only; the prompt %r is not used", prompt)
+
+        # 2. One identity from the faces or embeddings
+        identity, references = self.prepare_id_embeds(faces, id_embeds)
+
+        # 3. Encode the identity prompt and the negative prompt
+        encoder_dtype = self.text_encoder.dtype
+        prompt_embeds = arc2face.arc2face_prompt_embeds(self.text_encoder, self.tokenizer, identity).to(encoder_dtype)
+        negative = arc2face.encode_text(self.text_encoder, self.tokenizer, [negative_prompt or ""])
+        batch = len(seeds)
+        prompt_embeds = prompt_embeds.repeat(batch, 1, 1)  # (1, 77, D) -> (B, 77, D)
+        negative = negative.repeat(batch, 1, 1)
+
+        # 4. Scheduler and adapters for this call
+        self.scheduler = make_scheduler(scheduler_name, self._base_scheduler_config)
+        lora_meta = self._activate_adapters(lcm, loras, lcm_lora)
+
+        # 5. Sample
+        images = self.denoise(
+            prompt_embeds,
+            negative,
+            generators=make_generators(seeds),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            controlnet_image=controlnet_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+        )
+        self.maybe_free_model_hooks()
+
+        # 6. What it takes to make each image again
+        shared = self.base_metadata(
+            **self._model_metadata(),
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance,
+            scheduler=scheduler_name,
+            width=width,
+            height=height,
+            lcm=lcm or None,
+            lcm_lora=(lcm_lora or arc2face.DEFAULT_LCM_LORA) if lcm else None,
+            loras=lora_meta or None,
+            controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
+            id_embeds=encode_array(identity[0].numpy()),
+        )
+        metadata = [{**shared, "seed": s} for s in seeds]
+        return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _lora_file(source: str | os.PathLike, *, what: str) -> Path:
+    """A LoRA weights file from a file path, a folder, or a Hub repo id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    name = "pytorch_lora_weights.safetensors"
+    folder = resolve_model_folder(source, required=[name], what=what, allow_patterns=[name])
+    return folder / name
