@@ -249,14 +249,16 @@ def test_missing_weights_list_the_files(tmp_path, capsys):
 
 def _tiny_lora(pipe, folder):
     """A random LoRA for the tiny UNet in the diffusers file format (as LCM-LoRA is distributed)."""
+    import copy
+
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict
     from peft.tuners.lora import LoraModel  # noqa: F401  (peft must be importable)
 
-    import copy
-
     unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
     assert json.dumps(sorted(p.name for p in folder.iterdir()))

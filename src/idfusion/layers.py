@@ -21,6 +21,7 @@ __all__ = [
     "inject_token_embeddings",
     "normalize_id_embeds",
     "encode_arcface_id_prompt",
+    "encode_text",
 ]
 
 ARC2FACE_PROMPT = "photo of a id person"
@@ -28,7 +29,9 @@ ARC2FACE_PLACEHOLDER = "id"  # token 1014 in CLIP's vocabulary, position 4 after
 
 
 @contextmanager
-def inject_token_embeddings(text_encoder: torch.nn.Module, mask: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+def inject_token_embeddings(
+    text_encoder: torch.nn.Module, mask: torch.Tensor, vectors: torch.Tensor
+) -> Iterator[None]:
     """Within the context, token-embedding rows where ``mask`` is true are replaced by ``vectors``.
 
     Args:
@@ -44,7 +47,9 @@ def inject_token_embeddings(text_encoder: torch.nn.Module, mask: torch.Tensor, v
 
     def replace(module, args, output):
         if output.shape[:2] != mask.shape:
-            raise ValueError(f"token embeddings of shape {tuple(output.shape)} do not match the mask {tuple(mask.shape)}")
+            raise ValueError(
+                f"token embeddings of shape {tuple(output.shape)} do not match the mask {tuple(mask.shape)}"
+            )
         output = output.clone()
         output[mask.to(output.device)] = vectors.to(device=output.device, dtype=output.dtype)
         return output
@@ -110,3 +115,11 @@ def encode_arcface_id_prompt(
     device = text_encoder.device
     with inject_token_embeddings(text_encoder, mask, vectors):
         return text_encoder(input_ids.to(device))[0]
+
+
+def encode_text(text_encoder: torch.nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Ordinary CLIP prompt encoding, ``(N, 77, D)`` ``last_hidden_state`` (no clip-skip), as SD1.5 pipelines do."""
+    input_ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(input_ids.to(text_encoder.device))[0]

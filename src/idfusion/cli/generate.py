@@ -78,7 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
     parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx)")
     parser.add_argument("--num-images", type=_positive_int, help="images to make (default 1)")
-    parser.add_argument("--seed", type=_seed, help="seed of the first image; the next get seed+1, ... (default random)")
+    parser.add_argument(
+        "--seed", type=_seed, help="seed of the first image; the next get seed+1, ... (default random)"
+    )
     parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the method's)")
     parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: method's)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the method's)")

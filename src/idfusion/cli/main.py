@@ -17,6 +17,7 @@ from .. import __version__
 
 # subcommand name -> module under idfusion.cli
 SUBCOMMANDS = {
+    "bench": "bench",
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",
@@ -52,6 +53,9 @@ def _quiet_libraries() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
 

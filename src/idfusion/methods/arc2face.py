@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import encode_arcface_id_prompt
+from ..layers import encode_arcface_id_prompt, encode_text
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -63,11 +63,3 @@ LCM_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 1.0, "scheduler": "l
 def arc2face_prompt_embeds(text_encoder, tokenizer, id_embeds: torch.Tensor) -> torch.Tensor:
     """``(N, 512)`` ArcFace embeddings to ``(N, 77, D)`` Arc2Face prompt embeddings."""
     return encode_arcface_id_prompt(text_encoder, tokenizer, id_embeds)
-
-
-def encode_text(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
-    """Ordinary prompt encoding (``last_hidden_state``); Arc2Face's negative is this on ``""``."""
-    input_ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(input_ids.to(text_encoder.device))[0]

@@ -26,6 +26,7 @@ from ..faces import Face, FaceAnalyzer
 from ..images import ImageInput
 
 __all__ = [
+    "DEFAULT_LCM_LORA",
     "SCHEDULERS",
     "IdentityPipelineOutput",
     "IdentityInputError",
@@ -39,6 +40,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FaceInput = ImageInput | Face
+
+DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
 
 # our name -> (diffusers class name, extra config). "dpm++" is diffusers' DPMSolverMultistep default (2M).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -202,16 +205,48 @@ class IdentitySD15Mixin:
         self.register_modules(scheduler=self.scheduler)
 
     def load_loras(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
-        """Load LoRA files (diffusers or kohya format) and activate them with the given weights."""
+        """Load LoRA files (diffusers or kohya format) once each; returns their adapter names."""
         names = []
-        for index, (path, _) in enumerate(loras):
-            name = f"lora{index}_{Path(str(path)).stem}".replace(".", "_")
+        for path, _ in loras:
+            file = lora_file(path, what="LoRA")
+            name = "lora_" + file_key(file)
             if name not in self.get_list_adapters().get("unet", []):
-                self.load_lora_weights(str(path), adapter_name=name)
+                self.load_lora_weights(str(file), adapter_name=name)
             names.append(name)
-        if names:
-            self.set_adapters(names, adapter_weights=[float(w) for _, w in loras])
         return names
+
+    def activate_adapters(
+        self, lcm: bool, loras: Sequence[tuple[str | os.PathLike, float]], lcm_lora: str | None
+    ) -> list[dict]:
+        """Make exactly the requested LoRAs active for this call (LCM-LoRA first when ``lcm``); none: LoRAs off."""
+        names, weights = [], []
+        if lcm:
+            source = lcm_lora or DEFAULT_LCM_LORA
+            if getattr(self, "_lcm_lora", None) != source:
+                if "lcm" in self.get_list_adapters().get("unet", []):
+                    self.delete_adapters("lcm")
+                self.load_lora_weights(str(lora_file(source, what="LCM-LoRA for SD1.5")), adapter_name="lcm")
+                self._lcm_lora = source
+            names.append("lcm")
+            weights.append(1.0)
+        names += self.load_loras(loras) if loras else []
+        weights += [float(w) for _, w in loras]
+        if names:
+            self.enable_lora()
+            self.set_adapters(names, adapter_weights=weights)
+        elif self.get_list_adapters():
+            self.disable_lora()
+        return [{"name": str(path), "weight": float(weight)} for path, weight in loras]
+
+    def model_metadata(self) -> dict[str, Any]:
+        """``model_info`` with model files replaced by their sha256 (hashed once per process: UNets are GBs)."""
+        from ..outputs import file_sha256
+
+        info = dict(self.model_info)
+        files = info.pop("model_files", {})
+        if files:
+            info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
+        return info
 
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """The UNet's native size where not given (diffusers' convention), checked."""
@@ -276,3 +311,26 @@ class IdentitySD15Mixin:
         meta = {"idfusion_version": __version__, **self.model_info}
         meta.update({k: v for k, v in values.items() if v is not None})
         return meta
+
+
+def file_key(path: Path) -> str:
+    """A short adapter name that is stable for a file and differs between files of the same name."""
+    import hashlib
+
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return f"{path.stem}_{digest}".replace(".", "_")
+
+
+def lora_file(source: str | os.PathLike, *, what: str) -> Path:
+    """A LoRA weights file from a file path, a folder, or a Hub repo id (``pytorch_lora_weights.safetensors``)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    name = "pytorch_lora_weights.safetensors"
+    if path.is_dir() and not (path / name).is_file():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return files[0]
+    from ..hub import resolve_model_folder
+
+    return resolve_model_folder(source, required=[name], what=what, allow_patterns=[name]) / name

@@ -15,8 +15,16 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from ..hub import resolve_model_folder
 from ..images import ImageInput
 from ..methods import arc2face
-from ..outputs import encode_array, file_sha256
-from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_generators, make_scheduler, resolve_seeds
+from ..outputs import encode_array
+from .common import (
+    DEFAULT_LCM_LORA,
+    FaceInput,
+    IdentityPipelineOutput,
+    IdentitySD15Mixin,
+    make_generators,
+    make_scheduler,
+    resolve_seeds,
+)
 
 __all__ = ["Arc2FacePipeline"]
 
@@ -94,7 +102,10 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             pretrained_model_name_or_path,
             required=arc2face.REQUIRED_FILES,
             what="Arc2Face",
-            allow_patterns=[*(p.split("|")[0].rsplit("/", 1)[0] + "/*" for p in arc2face.REQUIRED_FILES), *arc2face.OPTIONAL_PATTERNS],
+            allow_patterns=[
+                *(p.split("|")[0].rsplit("/", 1)[0] + "/*" for p in arc2face.REQUIRED_FILES),
+                *arc2face.OPTIONAL_PATTERNS,
+            ],
             local_files_only=local_files_only,
         )
         if base_model is None:
@@ -121,39 +132,13 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             "model": str(pretrained_model_name_or_path),
             "base_model": str(base_model),
             "model_files": {
-                "arc2face/diffusion_pytorch_model.safetensors": (folder / "arc2face/diffusion_pytorch_model.safetensors"),
+                "arc2face/diffusion_pytorch_model.safetensors": (
+                    folder / "arc2face/diffusion_pytorch_model.safetensors"
+                ),
             },
         }
         pipe.face_model_dir = Path(face_model_dir) if face_model_dir else _local_subfolder(folder, "antelopev2")
-        pipe._lcm_lora = None
         return pipe
-
-    def _model_metadata(self) -> dict:
-        info = dict(self.model_info)
-        files = info.pop("model_files", {})
-        if files:  # hashed on first use, cached per process: the UNet is 3.4 GB
-            info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
-        return info
-
-    def _activate_adapters(self, lcm: bool, loras: Sequence[tuple[str, float]], lcm_lora: str | None) -> list[dict]:
-        names, weights = [], []
-        if lcm:
-            source = lcm_lora or arc2face.DEFAULT_LCM_LORA
-            if getattr(self, "_lcm_lora", None) != source:
-                path = _lora_file(source, what="LCM-LoRA for SD1.5")
-                self.load_lora_weights(str(path), adapter_name="lcm")
-                self._lcm_lora = source
-            names.append("lcm")
-            weights.append(1.0)
-        user = self.load_loras(loras) if loras else []
-        names += user
-        weights += [float(w) for _, w in loras]
-        if names:
-            self.enable_lora()
-            self.set_adapters(names, adapter_weights=weights)
-        elif self.get_list_adapters():
-            self.disable_lora()
-        return [{"name": str(p), "weight": float(w)} for p, w in loras]
 
     @torch.no_grad()
     def __call__(
@@ -225,7 +210,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
 
         # 4. Scheduler and adapters for this call
         self.scheduler = make_scheduler(scheduler_name, self._base_scheduler_config)
-        lora_meta = self._activate_adapters(lcm, loras, lcm_lora)
+        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
 
         # 5. Sample
         images = self.denoise(
@@ -245,7 +230,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
 
         # 6. What it takes to make each image again
         shared = self.base_metadata(
-            **self._model_metadata(),
+            **self.model_metadata(),
             negative_prompt=negative_prompt,
             steps=steps,
             guidance_scale=guidance,
@@ -253,7 +238,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             width=width,
             height=height,
             lcm=lcm or None,
-            lcm_lora=(lcm_lora or arc2face.DEFAULT_LCM_LORA) if lcm else None,
+            lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None,
             loras=lora_meta or None,
             controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
             id_embeds=encode_array(identity[0].numpy()),
@@ -266,13 +251,3 @@ def _read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())
-
-
-def _lora_file(source: str | os.PathLike, *, what: str) -> Path:
-    """A LoRA weights file from a file path, a folder, or a Hub repo id."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    name = "pytorch_lora_weights.safetensors"
-    folder = resolve_model_folder(source, required=[name], what=what, allow_patterns=[name])
-    return folder / name

@@ -37,6 +37,31 @@ Methods and the layouts they write (paths relative to the output folder):
         scrfd_10g_bnkps.onnx                      (SCRFD-style face detector, as in InsightFace's antelopev2)
         arcface.onnx                              (ArcFace-style recognizer, as in Arc2Face's release)
 
+``arc2face``
+    The Arc2Face release as the README's local ``models/`` folder, plus a tiny SD1.5 base where the pipeline
+    looks for one (see ``idfusion.testing.tiny_arc2face``)::
+
+        arc2face/config.json
+        arc2face/diffusion_pytorch_model.safetensors
+        encoder/config.json
+        encoder/pytorch_model.bin                 (a torch.save state dict, as released)
+        controlnet/config.json
+        controlnet/diffusion_pytorch_model.safetensors
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
+        stable-diffusion-v1-5/...                 (the ``sd15`` layout)
+
+``adaface``
+    An AdaFace v2 checkpoint in the official pickled format (``torch.save`` of whole modules under the authors'
+    class paths; see ``idfusion.testing.tiny_adaface``)::
+
+        models/adaface/VGGface2_HQ_masks2024-10-14T16-09-24_zero3-ada-3500.pt
+        models/arc2face/encoder/config.json
+        models/arc2face/encoder/pytorch_model.bin
+        models/insightface/models/antelopev2/scrfd_10g_bnkps.onnx
+        models/insightface/models/antelopev2/arcface.onnx
+        models/stable-diffusion-v1-5/...          (the ``sd15`` layout, 512 wide)
+
 Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
 folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
 the writer, so that this module stays cheap to import.
@@ -99,12 +124,14 @@ def _sd15_model_index() -> dict[str, object]:
     }
 
 
-def write_sd15(out_dir: Path, seed: int) -> list[Path]:
+def write_sd15(out_dir: Path, seed: int, *, text_width: int | None = None) -> list[Path]:
     """Write a tiny SD1.5 ``StableDiffusionPipeline`` folder (layout in this module's docstring).
 
     Args:
         out_dir (`Path`): an existing, empty folder.
         seed (`int`): seeds every model; each model gets its own derived seed so they are not correlated.
+        text_width (`int`, *optional*): text encoder width and UNet cross-attention width (default 32). AdaFace's
+            tiny kit needs 512: its token embeddings come from the 512-wide tiny Arc2Face encoder.
 
     Returns:
         `list[Path]`: the files written.
@@ -113,10 +140,13 @@ def write_sd15(out_dir: Path, seed: int) -> list[Path]:
     from idfusion.testing.clip_tokenizer import save_clip_tokenizer
 
     with _quiet_progress_bars():
-        components.tiny_unet(seed=seed).save_pretrained(out_dir / "unet", safe_serialization=True)
+        wide = {"cross_attention_dim": text_width} if text_width else {}
+        text = {"hidden_size": text_width, "intermediate_size": 128, "num_attention_heads": 4} if text_width else {}
+        components.tiny_unet(seed=seed, **wide).save_pretrained(out_dir / "unet", safe_serialization=True)
         components.tiny_vae(seed=seed + 1).save_pretrained(out_dir / "vae", safe_serialization=True)
         # transformers 5 would write flat CLIP key names; the release has the nested (transformers 4) ones.
-        components.save_pretrained_official(components.tiny_text_encoder(seed=seed + 2), out_dir / "text_encoder")
+        text_encoder = components.tiny_text_encoder(seed=seed + 2, **text)
+        components.save_pretrained_official(text_encoder, out_dir / "text_encoder")
         components.save_pretrained_official(components.tiny_safety_checker(seed=seed + 3), out_dir / "safety_checker")
         components.tiny_feature_extractor().save_pretrained(out_dir / "feature_extractor")
         components.tiny_scheduler().save_pretrained(out_dir / "scheduler")
@@ -132,9 +162,42 @@ def write_antelopev2(out_dir: Path, seed: int) -> list[Path]:
     return write_tiny_antelopev2(out_dir, seed=seed)
 
 
+def write_arc2face(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny Arc2Face release (see ``idfusion.testing.tiny_arc2face``)."""
+    from idfusion.testing.tiny_arc2face import write_arc2face as write
+
+    return write(out_dir, seed)
+
+
+def write_adaface(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny AdaFace v2 release: the model repo's ``models/`` layout, with a 512-wide SD1.5 base in
+    ``models/stable-diffusion-v1-5/`` where the pipeline looks first (see ``idfusion.testing.tiny_adaface``)."""
+    import torch
+
+    from idfusion.testing.components import official_state_dict
+    from idfusion.testing.tiny_adaface import write_tiny_adaface_checkpoint
+    from idfusion.testing.tiny_arc2face import TINY_ID_WIDTH, tiny_arc2face_encoder
+
+    write_tiny_adaface_checkpoint(out_dir, seed)
+    encoder_dir = out_dir / "models" / "arc2face" / "encoder"
+    encoder_dir.mkdir(parents=True)
+    encoder = tiny_arc2face_encoder(seed + 10)
+    encoder.config.save_pretrained(encoder_dir)
+    torch.save(official_state_dict(encoder), encoder_dir / "pytorch_model.bin")
+    faces = out_dir / "models" / "insightface" / "models" / "antelopev2"
+    faces.mkdir(parents=True)
+    write_antelopev2(faces, seed)
+    base = out_dir / "models" / "stable-diffusion-v1-5"
+    base.mkdir()
+    write_sd15(base, seed + 20, text_width=TINY_ID_WIDTH)
+    return sorted(p for p in out_dir.rglob("*") if p.is_file())
+
+
 MAKE_TINY: dict[str, Writer] = {
     "sd15": write_sd15,
     "antelopev2": write_antelopev2,
+    "arc2face": write_arc2face,
+    "adaface": write_adaface,
 }
 
 

@@ -1,0 +1,318 @@
+"""Speed and memory of a method against plain diffusers StableDiffusionPipeline, measured side by side in one run.
+
+Both pipelines share the same UNet, VAE, scheduler config, steps, size and dtype; weights are random at full SD1.5
+size (real weights are not needed to time the computation). Runs alternate (baseline, method, baseline, ...) so
+drift in machine load hits both. Reported per pipeline: median seconds per denoising step, seconds per image (all
+of ``__call__``: identity encoding, prompt encoding, sampling, VAE decode), and peak resident memory (and peak
+VRAM on CUDA) during its runs.
+
+Methods register a :class:`BenchCase` in :data:`BENCH_CASES`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BENCH_CASES", "BenchCase", "BenchResult", "run_bench", "format_table", "write_benchmarks_doc"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchResult:
+    name: str
+    seconds_per_step: float
+    seconds_per_image: float
+    peak_rss_gib: float
+    peak_vram_gib: float | None = None
+    step_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchCase:
+    """How to time one method: ``build(components)`` returns ``call(steps, generator) -> None``."""
+
+    method: str
+    build: Callable[[dict, str], Callable[[int, torch.Generator, Callable], Any]]
+    goal: float | None = None  # the largest acceptable seconds-per-step ratio
+
+
+class _PeakRSS:
+    """Samples the process's resident memory in a thread (torch's CPU allocations are invisible to tracemalloc)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):  # not Linux: fall back to the lifetime peak
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def full_size_components(dtype: torch.dtype, device: str, *, tiny: bool = False) -> dict:
+    """Random SD1.5 components at full size (or tiny, for a quick smoke run), the real CLIP tokenizer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .testing import components as c
+    from .testing.clip_tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    if tiny:
+        unet, vae, text = c.tiny_unet(cross_attention_dim=512), c.tiny_vae(), c.tiny_text_encoder(hidden_size=512)
+    else:
+        unet = UNet2DConditionModel.from_config(c.sd15_unet_config())
+        vae = AutoencoderKL.from_config(c.sd15_vae_config())
+        text = CLIPTextModel(CLIPTextConfig(**c.sd15_text_encoder_config()))
+    modules = {"unet": unet, "vae": vae, "text_encoder": text}
+    for module in modules.values():
+        module.to(device=device, dtype=dtype).eval()
+    from diffusers import PNDMScheduler
+
+    return {
+        **modules,
+        "tokenizer": load_clip_tokenizer(),
+        "scheduler": PNDMScheduler.from_config(c.sd15_scheduler_config()),
+    }
+
+
+def _baseline(components: dict, scheduler: str):
+    from diffusers import StableDiffusionPipeline
+
+    from .pipelines.common import make_scheduler
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], scheduler=make_scheduler(scheduler, components["scheduler"].config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(steps, generator, on_step):
+        pipe("photo of a person", num_inference_steps=steps, guidance_scale=3.0, generator=generator,
+             output_type="pil", callback_on_step_end=on_step)  # fmt: skip
+
+    return call
+
+
+def _arc2face(components: dict, scheduler: str):
+    from .pipelines.pipeline_arc2face import Arc2FacePipeline
+
+    pipe = Arc2FacePipeline(
+        components["vae"], components["text_encoder"], components["tokenizer"], components["unet"],
+        components["scheduler"],
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    identity = torch.randn(512, generator=torch.Generator().manual_seed(0))
+
+    def call(steps, generator, on_step):
+        pipe(id_embeds=identity, num_inference_steps=steps, guidance_scale=3.0, scheduler=scheduler,
+             seed=int(generator.initial_seed()), callback_on_step_end=on_step)  # fmt: skip
+
+    return call
+
+
+BENCH_CASES: dict[str, BenchCase] = {
+    "arc2face": BenchCase("arc2face", _arc2face, goal=1.02),
+}
+
+
+def _time_runs(call, steps: int, repeats: int, device: str) -> tuple[list[float], list[float]]:
+    step_times, image_times = [], []
+    for repeat in range(repeats):
+        marks: list[float] = []
+
+        def on_step(pipe, index, timestep, kwargs, marks=marks):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            return kwargs
+
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call(steps, torch.Generator("cpu").manual_seed(repeat), on_step)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        image_times.append(time.perf_counter() - start)
+        step_times += [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return step_times, image_times
+
+
+def run_bench(
+    method: str,
+    *,
+    steps: int = 4,
+    repeats: int = 2,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    scheduler: str = "dpm++",
+    tiny: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Time ``method`` against the plain SD1.5 pipeline; returns a JSON-ready dict (see module docstring)."""
+    if method not in BENCH_CASES:
+        raise ValueError(f"no benchmark for {method!r}; available: {', '.join(BENCH_CASES)}")
+    if steps < 2:
+        raise ValueError("steps must be at least 2 (step times are measured between steps)")
+    say = progress or logger.info
+    torch_dtype = getattr(torch, dtype)
+    say(f"building random {'tiny' if tiny else 'full-size'} SD1.5 components ({dtype}, {device})")
+    components = full_size_components(torch_dtype, device, tiny=tiny)
+    calls = {
+        "sd15 (diffusers)": _baseline(components, scheduler),
+        method: BENCH_CASES[method].build(components, scheduler),
+    }
+    for name, call in calls.items():  # warm-up: first-call allocations and kernel selection
+        say(f"warm-up: {name}")
+        _time_runs(call, 2, 1, device)
+
+    samples: dict[str, dict[str, list]] = {name: {"steps": [], "images": [], "rss": [], "vram": []} for name in calls}
+    for repeat in range(repeats):
+        for name, call in calls.items():
+            say(f"run {repeat + 1}/{repeats}: {name}")
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            with _PeakRSS() as rss:
+                step_times, image_times = _time_runs(call, steps, 1, device)
+            samples[name]["steps"] += step_times
+            samples[name]["images"] += image_times
+            samples[name]["rss"].append(rss.peak)
+            if device.startswith("cuda"):
+                samples[name]["vram"].append(torch.cuda.max_memory_allocated())
+
+    results = []
+    for name, s in samples.items():
+        results.append(
+            BenchResult(
+                name=name,
+                seconds_per_step=statistics.median(s["steps"]),
+                seconds_per_image=statistics.median(s["images"]),
+                peak_rss_gib=max(s["rss"]) / 2**30,
+                peak_vram_gib=max(s["vram"]) / 2**30 if s["vram"] else None,
+                step_times=s["steps"],
+            )
+        )
+    baseline, measured = results
+    return {
+        "method": method,
+        "settings": {
+            "steps": steps,
+            "repeats": repeats,
+            "dtype": dtype,
+            "device": device,
+            "scheduler": scheduler,
+            "size": "tiny" if tiny else "full SD1.5 (512x512, random weights)",
+            "batch": "1 image, CFG (UNet batch 2)",
+        },  # fmt: skip
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        },
+        "results": [asdict(r) for r in results],
+        "ratio_per_step": measured.seconds_per_step / baseline.seconds_per_step,
+        "ratio_per_image": measured.seconds_per_image / baseline.seconds_per_image,
+        "goal_ratio_per_step": BENCH_CASES[method].goal,
+    }
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        "| pipeline | s/step | s/image | peak RAM GiB | peak VRAM GiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in report["results"]:
+        vram = f"{r['peak_vram_gib']:.2f}" if r["peak_vram_gib"] is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['seconds_per_step']:.3f} | {r['seconds_per_image']:.2f} | {r['peak_rss_gib']:.2f} | {vram} |"
+        )
+    goal = report["goal_ratio_per_step"]
+    lines.append("")
+    lines.append(
+        f"ratio (method / diffusers): {report['ratio_per_step']:.3f} per step, {report['ratio_per_image']:.3f} per "
+        f"image" + (f"; goal per step <= {goal}" if goal else "")
+    )
+    return "\n".join(lines)
+
+
+def write_benchmarks_doc(path: str | os.PathLike, report: dict, command: str) -> Path:
+    """Replace (or add) this method's section of docs/benchmarks.md with the report and the command that made it."""
+    from .images import atomic_write_bytes
+
+    path = Path(path)
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nRegenerated by `idfusion bench`; one section per method.\n"
+    )
+    begin, end = f"<!-- bench:{report['method']} -->", f"<!-- /bench:{report['method']} -->"
+    s = report["settings"]
+    section = "\n".join(
+        [
+            begin,
+            f"## {report['method']}",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Settings: {s['size']}, {s['steps']} steps x {s['repeats']} runs, {s['dtype']} on {s['device']}, "
+            f"{s['scheduler']}, {s['batch']}. Machine: {report['machine']['cores']} cores, torch "
+            f"{report['machine']['torch']}" + (f", {report['machine']['gpu']}" if report["machine"]["gpu"] else "") + ".",
+            "",
+            format_table(report),
+            "",
+            "<details><summary>JSON</summary>",
+            "",
+            "```json",
+            json.dumps({k: v for k, v in report.items() if k != "results"} | {
+                "results": [{k: v for k, v in r.items() if k != "step_times"} for r in report["results"]]
+            }, indent=1),
+            "```",
+            "",
+            "</details>",
+            end,
+        ]
+    )  # fmt: skip
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path
