@@ -174,12 +174,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.out}: exists and is not a folder")
 
     device, dtype = _device_and_dtype(args)
+    if args.cpu_offload and device == "cpu":
+        raise ValueError("--cpu-offload moves models between the CPU and a GPU; give --device cuda (or mps) with it")
     load_kwargs = {"base_model": args.base_model, "face_model_dir": args.face_models}
     if dtype is not None:
         load_kwargs["torch_dtype"] = dtype
     pipe = load_pipeline(args.method, args.model, **load_kwargs)
     if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device if device != "cpu" else None)
+        pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
     if args.vae_tiling:
