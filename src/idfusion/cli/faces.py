@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .argtypes import non_negative_int
+
 
 def _selection(value: str) -> str | int:
     if value in ("all", "largest"):
@@ -15,16 +17,6 @@ def _selection(value: str) -> str | int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'all', 'largest' or a face index, got {value!r}") from None
-
-
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {number}")
-    return number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--select", type=_selection, default="all", help="'all' (default), 'largest', or a face index from the left"
     )
-    parser.add_argument("--min-face-size", type=_non_negative, default=32, help="smallest face side in px (32)")
-    parser.add_argument("--upsample", type=_non_negative, help="dlib detector upsampling (default: by image size)")
+    parser.add_argument("--min-face-size", type=non_negative_int, default=32, help="smallest face side in px (32)")
+    parser.add_argument("--upsample", type=non_negative_int, help="dlib detector upsampling (default: by image size)")
     parser.add_argument("--aligned", action="store_true", help="inputs are already ArcFace-aligned square crops")
     parser.add_argument("--dense", action="store_true", help="also compute 68 dense landmarks")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write boxes, landmarks and embeddings as JSON")

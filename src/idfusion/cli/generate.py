@@ -3,48 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
+
+from .argtypes import finite, non_negative_float, positive_int, seed
 
 METHODS = ("arc2face", "adaface")
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {number}")
-    return number
-
-
-def _seed(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if not 0 <= number < 2**63:
-        raise argparse.ArgumentTypeError(f"seeds must be between 0 and 2**63 - 1, got {number}")
-    return number
-
-
-def _finite(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _non_negative(value: str) -> float:
-    number = _finite(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return number
 
 
 def _lora(value: str) -> tuple[str, float]:
@@ -52,7 +16,7 @@ def _lora(value: str) -> tuple[str, float]:
     path, sep, weight = value.rpartition(":")
     if sep and path and not weight.startswith(("\\", "/")):
         try:
-            return path, _finite(weight)
+            return path, finite(weight)
         except argparse.ArgumentTypeError:
             pass
     return value, 1.0
@@ -77,19 +41,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-model", help="SD1.5 base model (Hub id or folder) for methods that use one")
     parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
     parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx)")
-    parser.add_argument("--num-images", type=_positive_int, help="images to make (default 1)")
+    parser.add_argument("--num-images", type=positive_int, help="images to make (default 1)")
+    parser.add_argument("--seed", type=seed, help="seed of the first image; the next get seed+1, ... (default random)")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the method's)")
     parser.add_argument(
-        "--seed", type=_seed, help="seed of the first image; the next get seed+1, ... (default random)"
+        "--guidance", type=non_negative_float, help="classifier-free guidance scale (default: method's)"
     )
-    parser.add_argument("--steps", type=_positive_int, help="sampling steps (default: the method's)")
-    parser.add_argument("--guidance", type=_non_negative, help="classifier-free guidance scale (default: method's)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the method's)")
-    parser.add_argument("--width", type=_positive_int, help="image width, a multiple of 8 (default 512)")
-    parser.add_argument("--height", type=_positive_int, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default 512)")
+    parser.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default 512)")
     parser.add_argument("--lcm", action="store_true", default=None, help="LCM-LoRA: 2-4 steps, guidance 1.0")
-    parser.add_argument("--id-scale", type=_finite, help="identity strength (AdaFace ID-CFG scale, default 1.0)")
+    parser.add_argument("--id-scale", type=finite, help="identity strength (AdaFace ID-CFG scale, default 1.0)")
     parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
-    parser.add_argument("--controlnet-scale", type=_non_negative, default=None, help="ControlNet strength (1.0)")
+    parser.add_argument("--controlnet-scale", type=non_negative_float, default=None, help="ControlNet strength (1.0)")
     parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32; float16 on GPUs is common)")

@@ -31,6 +31,7 @@ __all__ = [
     "IdentityPipelineOutput",
     "IdentityInputError",
     "FaceInput",
+    "SamplingSettings",
     "make_scheduler",
     "resolve_seeds",
     "make_generators",
@@ -106,6 +107,18 @@ def resolve_seeds(seed: int | Sequence[int] | None, num_images: int) -> list[int
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     # CPU generators make the initial noise identical on every device, so a seed means the same image everywhere.
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+@dataclass
+class SamplingSettings:
+    """A call's checked sampling settings, method defaults filled in."""
+
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    height: int
+    width: int
+    seeds: list[int]
 
 
 class IdentitySD15Mixin:
@@ -256,6 +269,85 @@ class IdentitySD15Mixin:
             if value < 64 or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}")
         return height, width
+
+    def sampling_settings(
+        self,
+        defaults: dict[str, Any],
+        *,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        scheduler: str | None,
+        height: int | None,
+        width: int | None,
+        seed: int | Sequence[int] | None,
+        num_images_per_prompt: int,
+    ) -> SamplingSettings:
+        """Fill the method's ``defaults`` (steps, guidance, scheduler) where not given, and check every value."""
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
+        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if not np.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
+        name = scheduler or defaults["scheduler"]
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        height, width = self.default_size(height, width)
+        return SamplingSettings(steps, guidance, name, height, width, resolve_seeds(seed, num_images_per_prompt))
+
+    def sample(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor,
+        identity: torch.Tensor,
+        references: list[np.ndarray],
+        settings: SamplingSettings,
+        *,
+        lcm: bool = False,
+        lcm_lora: str | None = None,
+        loras: Sequence[tuple[str, float]] = (),
+        controlnet_image: ImageInput | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        **method_metadata: Any,
+    ) -> IdentityPipelineOutput:
+        """Sample one image per seed from ``(1, 77, D)`` conditioning and describe each image in its metadata."""
+        from ..outputs import encode_array
+
+        batch = len(settings.seeds)
+        self.scheduler = make_scheduler(settings.scheduler, self._base_scheduler_config)
+        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
+        images = self.denoise(
+            prompt_embeds.repeat(batch, 1, 1),  # (1, 77, D) -> (B, 77, D)
+            negative_prompt_embeds.repeat(batch, 1, 1),
+            generators=make_generators(settings.seeds),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            controlnet_image=controlnet_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+        )
+        self.maybe_free_model_hooks()
+        shared = self.base_metadata(
+            **self.model_metadata(),
+            **method_metadata,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            scheduler=settings.scheduler,
+            width=settings.width,
+            height=settings.height,
+            lcm=lcm or None,
+            lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None,
+            loras=lora_meta or None,
+            controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
+            id_embeds=encode_array(identity[0].float().cpu().numpy()),
+        )
+        metadata = [{**shared, "seed": seed} for seed in settings.seeds]
+        return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)
 
     def denoise(
         self,

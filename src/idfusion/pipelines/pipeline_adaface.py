@@ -17,14 +17,11 @@ from ..hub import resolve_model_folder
 from ..images import ImageInput
 from ..layers import encode_arcface_id_prompt, encode_text
 from ..methods import adaface
-from ..outputs import encode_array
 from .common import (
     FaceInput,
     IdentityPipelineOutput,
     IdentitySD15Mixin,
-    make_generators,
     make_scheduler,
-    resolve_seeds,
 )
 
 __all__ = ["AdaFacePipeline", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT"]
@@ -283,18 +280,13 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
         # 1. Check inputs and fill method defaults
         if self.adaface is None:
             raise RuntimeError("no AdaFace checkpoint loaded; use AdaFacePipeline.from_pretrained")
-        defaults = LCM_DEFAULTS if lcm else DEFAULTS
-        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
-        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        scheduler_name = scheduler or defaults["scheduler"]
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
+        settings = self.sampling_settings(
+            LCM_DEFAULTS if lcm else DEFAULTS,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        )  # fmt: skip
         if not np.isfinite(id_scale):
             raise ValueError(f"id_scale must be a finite number, got {id_scale}")
-        height, width = self.default_size(height, width)
-        seeds = resolve_seeds(seed, num_images_per_prompt)
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
         # 2. One identity, then its ada embeddings in the base text encoder's token table
@@ -304,45 +296,14 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
         composed = self.compose_prompt(prompt, tokens)
 
         # 3. Encode with the base model's own text encoder
-        batch = len(seeds)
-        prompt_embeds = encode_text(self.text_encoder, self.tokenizer, [composed]).repeat(batch, 1, 1)
-        negative = encode_text(self.text_encoder, self.tokenizer, [negative_prompt]).repeat(batch, 1, 1)
+        prompt_embeds = encode_text(self.text_encoder, self.tokenizer, [composed])
+        negative = encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
 
-        # 4. Scheduler, adapters, sampling
-        self.scheduler = make_scheduler(scheduler_name, self._base_scheduler_config)
-        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
-        images = self.denoise(
-            prompt_embeds,
-            negative,
-            generators=make_generators(seeds),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            controlnet_image=controlnet_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            output_type=output_type,
+        # 4. Sample, and record what it takes to make each image again
+        return self.sample(
+            prompt_embeds, negative, identity, references, settings,
+            lcm=lcm, lcm_lora=lcm_lora, loras=loras, controlnet_image=controlnet_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
             callback_on_step_end=callback_on_step_end,
-        )
-        self.maybe_free_model_hooks()
-
-        # 5. Metadata
-        shared = self.base_metadata(
-            **self.model_metadata(),
-            prompt=prompt,
-            composed_prompt=composed,
-            negative_prompt=negative_prompt,
-            id_scale=id_scale,
-            steps=steps,
-            guidance_scale=guidance,
-            scheduler=scheduler_name,
-            width=width,
-            height=height,
-            lcm=lcm or None,
-            loras=lora_meta or None,
-            controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
-            id_embeds=encode_array(identity[0].cpu().numpy()),
-        )
-        return IdentityPipelineOutput(
-            images=list(images), metadata=[{**shared, "seed": s} for s in seeds], references=references
-        )
+            prompt=prompt, composed_prompt=composed, negative_prompt=negative_prompt, id_scale=id_scale,
+        )  # fmt: skip

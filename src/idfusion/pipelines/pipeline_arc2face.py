@@ -15,16 +15,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from ..hub import resolve_model_folder
 from ..images import ImageInput
 from ..methods import arc2face
-from ..outputs import encode_array
-from .common import (
-    DEFAULT_LCM_LORA,
-    FaceInput,
-    IdentityPipelineOutput,
-    IdentitySD15Mixin,
-    make_generators,
-    make_scheduler,
-    resolve_seeds,
-)
+from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_scheduler
 
 __all__ = ["Arc2FacePipeline"]
 
@@ -184,67 +175,28 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             :class:`IdentityPipelineOutput` with images, per-image metadata and reference crops.
         """
         # 1. Check inputs and fill method defaults
-        defaults = arc2face.LCM_DEFAULTS if lcm else arc2face.DEFAULTS
-        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
-        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        scheduler_name = scheduler or defaults["scheduler"]
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
-        height, width = self.default_size(height, width)
-        seeds = resolve_seeds(seed, num_images_per_prompt)
+        settings = self.sampling_settings(
+            arc2face.LCM_DEFAULTS if lcm else arc2face.DEFAULTS,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        )  # fmt: skip
         if prompt:
             logger.warning("Arc2Face is conditioned on identity only; the prompt %r is not used", prompt)
 
         # 2. One identity from the faces or embeddings
         identity, references = self.prepare_id_embeds(faces, id_embeds)
 
-        # 3. Encode the identity prompt and the negative prompt
-        encoder_dtype = self.text_encoder.dtype
-        prompt_embeds = arc2face.arc2face_prompt_embeds(self.text_encoder, self.tokenizer, identity).to(encoder_dtype)
+        # 3. The identity prompt and the negative prompt, both through the Arc2Face encoder
+        prompt_embeds = arc2face.arc2face_prompt_embeds(self.text_encoder, self.tokenizer, identity)
         negative = arc2face.encode_text(self.text_encoder, self.tokenizer, [negative_prompt or ""])
-        batch = len(seeds)
-        prompt_embeds = prompt_embeds.repeat(batch, 1, 1)  # (1, 77, D) -> (B, 77, D)
-        negative = negative.repeat(batch, 1, 1)
 
-        # 4. Scheduler and adapters for this call
-        self.scheduler = make_scheduler(scheduler_name, self._base_scheduler_config)
-        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
-
-        # 5. Sample
-        images = self.denoise(
-            prompt_embeds,
-            negative,
-            generators=make_generators(seeds),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            controlnet_image=controlnet_image,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-        )
-        self.maybe_free_model_hooks()
-
-        # 6. What it takes to make each image again
-        shared = self.base_metadata(
-            **self.model_metadata(),
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance,
-            scheduler=scheduler_name,
-            width=width,
-            height=height,
-            lcm=lcm or None,
-            lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None,
-            loras=lora_meta or None,
-            controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
-            id_embeds=encode_array(identity[0].numpy()),
-        )
-        metadata = [{**shared, "seed": s} for s in seeds]
-        return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)
+        # 4. Sample, and record what it takes to make each image again
+        return self.sample(
+            prompt_embeds.to(self.text_encoder.dtype), negative, identity, references, settings,
+            lcm=lcm, lcm_lora=lcm_lora, loras=loras, controlnet_image=controlnet_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
+            callback_on_step_end=callback_on_step_end, negative_prompt=negative_prompt,
+        )  # fmt: skip
 
 
 def _read_json(path: Path) -> dict:
