@@ -263,3 +263,18 @@ def _tiny_lora(pipe, folder):
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state)
     assert json.dumps(sorted(p.name for p in folder.iterdir()))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_memory_and_dtype_options(tmp_path, faces_dir, tiny_arc2face, capsys):
+    args = ["generate", "--method", "arc2face", "--model", str(tiny_arc2face), "--face", str(faces_dir / "obama.jpg"),
+            "--steps", "2", "--seed", "1", "--no-contact-sheet"]  # fmt: skip
+    assert (
+        main([*args, "--out", str(tmp_path / "a"), "--vae-tiling", "--attention-slicing", "--dtype", "bfloat16"]) == 0
+    )
+    image = Image.open(capsys.readouterr().out.split()[0])
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--cpu-offload"]) == 1
+    assert "--cpu-offload moves models between the CPU and a GPU" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--out", str(tmp_path / "c"), "--device", "cuda:0"]) == 1
+        assert "--device cuda:0: CUDA is not available on this machine" in capsys.readouterr().err
