@@ -43,11 +43,14 @@ class BenchResult:
 
 @dataclass
 class BenchCase:
-    """How to time one method: ``build(components)`` returns ``call(steps, generator) -> None``."""
+    """How to time one method: ``build(components, scheduler)`` returns ``call(steps, generator, on_step)``, which
+    returns the images; ``baseline`` builds what it is measured against."""
 
     method: str
     build: Callable[[dict, str], Callable[[int, torch.Generator, Callable], Any]]
-    goal: float | None = None  # the largest acceptable seconds-per-step ratio
+    goal: float | None = None  # the largest acceptable seconds-per-step ratio (method / baseline)
+    baseline: Callable[[dict, str], Callable[[int, torch.Generator, Callable], Any]] | None = None
+    baseline_name: str = "sd15 (diffusers)"
 
 
 class _PeakRSS:
@@ -124,8 +127,8 @@ def _baseline(components: dict, scheduler: str):
     pipe.set_progress_bar_config(disable=True)
 
     def call(steps, generator, on_step):
-        pipe("photo of a person", num_inference_steps=steps, guidance_scale=3.0, generator=generator,
-             output_type="pil", callback_on_step_end=on_step)  # fmt: skip
+        return pipe("photo of a person", num_inference_steps=steps, guidance_scale=3.0, generator=generator,
+                    output_type="np", callback_on_step_end=on_step).images  # fmt: skip
 
     return call
 
@@ -141,19 +144,153 @@ def _arc2face(components: dict, scheduler: str):
     identity = torch.randn(512, generator=torch.Generator().manual_seed(0))
 
     def call(steps, generator, on_step):
-        pipe(id_embeds=identity, num_inference_steps=steps, guidance_scale=3.0, scheduler=scheduler,
-             seed=int(generator.initial_seed()), callback_on_step_end=on_step)  # fmt: skip
+        return pipe(id_embeds=identity, num_inference_steps=steps, guidance_scale=3.0, scheduler=scheduler,
+                    seed=int(generator.initial_seed()), callback_on_step_end=on_step, output_type="np").images  # fmt: skip
 
     return call
 
 
+class OfficialReadProcessor:
+    """The official reference update written out as the released code computes it: every term for every sample of
+    the batch, with the reference tokens repeated per sample (``(n, L, C) -> (B, n*L, C)``) before projection."""
+
+    def __init__(self, bank, key, reference_attention):
+        self.bank, self.key, self.reference_attention = bank, key, reference_attention
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        from .methods.flashface import _attention
+
+        y = hidden_states
+        batch = y.shape[0]
+        if self.bank.writing:
+            self.bank.tokens[self.key] = y
+            return _attention(attn, y, y)
+        tokens = self.bank.tokens.get(self.key)
+        lam = self.bank.strength.to(y).view(batch, 1, 1) if tokens is not None else y.new_zeros(batch, 1, 1)
+        ref = self.reference_attention
+        out = _attention(attn, y, y) + (1 - lam) * _attention(ref, y, y)
+        if tokens is not None:
+            n, length, channels = tokens.shape
+            repeated = tokens.reshape(1, n * length, channels).repeat(batch, 1, 1)  # (B, n*L, C), materialised
+            out = out + lam * _attention(ref, y, torch.cat([y, repeated], dim=1))
+        return out
+
+
+def flashface_full_size(components: dict, dtype: torch.dtype, device: str, tiny: bool):
+    """A random FlashFace (official) pipeline at full size sharing the benchmark's VAE and text encoder."""
+    from diffusers import DDIMScheduler
+
+    from .methods.flashface import OFFICIAL, build_flashface_models
+    from .pipelines.pipeline_flashface import FlashFacePipeline
+    from .testing import components as c
+
+    torch.manual_seed(1)
+    config = c.tiny_unet_config(layers_per_block=2, cross_attention_dim=512) if tiny else c.sd15_unet_config()
+    unet, refnet = build_flashface_models(config, OFFICIAL)
+    for module in (unet, refnet):
+        module.to(device=device, dtype=dtype).eval()
+    scheduler = DDIMScheduler.from_config(
+        {**c.sd15_scheduler_config(), **OFFICIAL.scheduler_config, "clip_sample": False, "set_alpha_to_one": False}
+    )
+    pipe = FlashFacePipeline(
+        components["vae"], components["text_encoder"], components["tokenizer"], unet, refnet, scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def use_official_processors(pipe) -> None:
+    """Swap the main UNet's reference processors for :class:`OfficialReadProcessor` (same math, official work)."""
+    from .methods.flashface import reference_blocks
+
+    for path, block in reference_blocks(pipe.unet).items():
+        block.attn1.set_processor(OfficialReadProcessor(pipe.bank, path, block.attn_ref))
+
+
+@torch.no_grad()
+def flashface_official_loop(pipe, reference_latents: torch.Tensor, steps: int, seed: int, on_step=None):
+    """The official sampling control flow, step by step (``ContextGaussianDiffusion.denoise`` + ``RefStableUNet``):
+    each step runs the ReferenceNet on the clean references at the current t with the negative prompt, then one main
+    UNet call over all branches (``[pos, neg]`` at lambda_0 while t > T*, then ``[pos + ref, pos, neg]`` with
+    lambda ``[lam, 0, 0]``), two-phase guidance with CFG-rescale 0.5, DDIM (trailing). Defaults as the demo.
+    Used with :class:`OfficialReadProcessor` as the reference for the pipeline's output and speed."""
+    from .methods import flashface as ff
+    from .pipelines import pipeline_flashface as pf
+
+    positive, negative = pipe.encode_prompts(
+        [f"a photo of a person, {pf.OFFICIAL_POSITIVE_POSTFIX}", f", {pf.OFFICIAL_NEGATIVE_POSTFIX}"]
+    ).chunk(2)
+    size = pipe._native_size() or pipe.unet.config.sample_size * 8
+    scheduler = pf.flashface_scheduler(pipe._base_scheduler_config)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = torch.randn((1, 4, size // 8, size // 8), generator=generator).to(positive)
+    latents = latents * scheduler.init_noise_sigma
+    mask = ff.face_position_mask(None, size, size).to(latents)
+    pipe.bank.weights = None
+    for i, t in enumerate(scheduler.timesteps):
+        pipe.write_references(reference_latents.to(positive), t, negative.expand(reference_latents.shape[0], -1, -1))
+        if int(t) > pf.OFFICIAL_GUIDANCE_START:
+            contexts, lams = torch.cat([positive, negative]), [pf.OFFICIAL_STRENGTH_BEFORE_GUIDANCE] * 2
+        else:
+            contexts, lams = torch.cat([positive, positive, negative]), [ff.OFFICIAL.reference_strength, 0.0, 0.0]
+        branches = len(lams)
+        model_input = torch.cat([latents.repeat(branches, 1, 1, 1), mask.expand(branches, -1, -1, -1)], dim=1)
+        pipe.bank.strength = torch.tensor(lams)
+        noise = pipe.unet(model_input, t, encoder_hidden_states=contexts).sample  # every branch, full UNet
+        guided = ff.flashface_guidance(
+            noise.view(branches, 1, *noise.shape[1:]), text_scale=ff.OFFICIAL.guidance_scale,
+            reference_scale=pf.OFFICIAL_REFERENCE_GUIDANCE if branches == 3 else None, rescale=pf.OFFICIAL_RESCALE,
+        )  # fmt: skip
+        latents = scheduler.step(guided, t, latents).prev_sample
+        if on_step is not None:
+            on_step(pipe, i, t, {})
+    pipe.bank.clear()
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return ((image.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _flashface_case(official: bool):
+    def build(components: dict, scheduler: str):
+        if components.get("_flashface") is None:
+            unet = components["unet"]
+            components["_flashface"] = flashface_full_size(
+                components, unet.dtype, unet.device.type, components.get("_tiny", False)
+            )
+        pipe = components["_flashface"]
+        latents = torch.randn(4, 4, 28, 28, generator=torch.Generator().manual_seed(0))
+
+        def call(steps, generator, on_step):
+            from .methods.flashface import attach_reference_processors
+
+            seed = int(generator.initial_seed())
+            if official:
+                use_official_processors(pipe)
+                return flashface_official_loop(pipe, latents, steps, seed, on_step)
+            attach_reference_processors(pipe.unet, pipe.refnet, pipe.bank, pipe.variant)
+            return pipe(reference_latents=latents, prompt="a photo of a person", num_inference_steps=steps,
+                        seed=seed, callback_on_step_end=on_step, output_type="np").images  # fmt: skip
+
+        return call
+
+    return build
+
+
 BENCH_CASES: dict[str, BenchCase] = {
     "arc2face": BenchCase("arc2face", _arc2face, goal=1.02),
+    # FlashFace against the official control flow on the same weights: goal 1.3x faster, i.e. ratio <= 1/1.3
+    "flashface": BenchCase(
+        "flashface",
+        _flashface_case(official=False),
+        goal=round(1 / 1.3, 3),
+        baseline=_flashface_case(official=True),
+        baseline_name="flashface (official control flow)",
+    ),
 }
 
 
-def _time_runs(call, steps: int, repeats: int, device: str) -> tuple[list[float], list[float]]:
-    step_times, image_times = [], []
+def _time_runs(call, steps: int, repeats: int, device: str) -> tuple[list[float], list[float], Any]:
+    step_times, image_times, images = [], [], None
     for repeat in range(repeats):
         marks: list[float] = []
 
@@ -166,12 +303,12 @@ def _time_runs(call, steps: int, repeats: int, device: str) -> tuple[list[float]
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        call(steps, torch.Generator("cpu").manual_seed(repeat), on_step)
+        images = call(steps, torch.Generator("cpu").manual_seed(repeat), on_step)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         image_times.append(time.perf_counter() - start)
         step_times += [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    return step_times, image_times
+    return step_times, image_times, images
 
 
 def run_bench(
@@ -185,7 +322,8 @@ def run_bench(
     tiny: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time ``method`` against the plain SD1.5 pipeline; returns a JSON-ready dict (see module docstring)."""
+    """Time ``method`` against its baseline (plain diffusers SD1.5, or for FlashFace the official control flow on
+    the same weights); returns a JSON-ready dict (see module docstring)."""
     if method not in BENCH_CASES:
         raise ValueError(f"no benchmark for {method!r}; available: {', '.join(BENCH_CASES)}")
     if steps < 2:
@@ -194,15 +332,18 @@ def run_bench(
     torch_dtype = getattr(torch, dtype)
     say(f"building random {'tiny' if tiny else 'full-size'} SD1.5 components ({dtype}, {device})")
     components = full_size_components(torch_dtype, device, tiny=tiny)
+    components["_tiny"] = tiny
+    case = BENCH_CASES[method]
     calls = {
-        "sd15 (diffusers)": _baseline(components, scheduler),
-        method: BENCH_CASES[method].build(components, scheduler),
+        case.baseline_name: (case.baseline or _baseline)(components, scheduler),
+        method: case.build(components, scheduler),
     }
     for name, call in calls.items():  # warm-up: first-call allocations and kernel selection
         say(f"warm-up: {name}")
-        _time_runs(call, 2, 1, device)
+        _time_runs(call, 2, 1, device)[:2]
 
     samples: dict[str, dict[str, list]] = {name: {"steps": [], "images": [], "rss": [], "vram": []} for name in calls}
+    outputs: dict[str, Any] = {}
     for repeat in range(repeats):
         for name, call in calls.items():
             say(f"run {repeat + 1}/{repeats}: {name}")
@@ -210,7 +351,7 @@ def run_bench(
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             with _PeakRSS() as rss:
-                step_times, image_times = _time_runs(call, steps, 1, device)
+                step_times, image_times, outputs[name] = _time_runs(call, steps, 1, device)
             samples[name]["steps"] += step_times
             samples[name]["images"] += image_times
             samples[name]["rss"].append(rss.peak)
@@ -250,7 +391,11 @@ def run_bench(
         "results": [asdict(r) for r in results],
         "ratio_per_step": measured.seconds_per_step / baseline.seconds_per_step,
         "ratio_per_image": measured.seconds_per_image / baseline.seconds_per_image,
-        "goal_ratio_per_step": BENCH_CASES[method].goal,
+        "goal_ratio_per_step": case.goal,
+        # same seed, same weights: how far the two final images are apart (meaningful where the math is the same)
+        "max_abs_output_difference": float(
+            abs(torch.as_tensor(outputs[baseline.name]) - torch.as_tensor(outputs[measured.name])).max()
+        ),
     }
 
 
@@ -267,7 +412,7 @@ def format_table(report: dict) -> str:
     goal = report["goal_ratio_per_step"]
     lines.append("")
     lines.append(
-        f"ratio (method / diffusers): {report['ratio_per_step']:.3f} per step, {report['ratio_per_image']:.3f} per "
+        f"ratio (method / baseline): {report['ratio_per_step']:.3f} per step, {report['ratio_per_image']:.3f} per "
         f"image" + (f"; goal per step <= {goal}" if goal else "")
     )
     return "\n".join(lines)

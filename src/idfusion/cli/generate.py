@@ -7,8 +7,20 @@ from pathlib import Path
 
 from .argtypes import finite, non_negative_float, positive_int, seed
 
-METHODS = ("arc2face", "adaface")
+METHODS = ("arc2face", "adaface", "flashface", "open-flashface")
+FLASHFACE = ("flashface", "open-flashface")
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _face_box(value: str) -> list[float]:
+    parts = value.split(",")
+    try:
+        box = [float(p) for p in parts]
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
+        raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2 with each value in [0, 1], got {value!r}")
+    return box
 
 
 def _lora(value: str) -> tuple[str, float]:
@@ -33,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "contact sheet. Existing files are never overwritten.",
     )
     parser.add_argument("--method", choices=METHODS, help="identity method (required unless --from is given)")
-    parser.add_argument("--face", action="append", default=[], metavar="IMAGE", help="face photo; repeat for more")
+    parser.add_argument(
+        "--face", action="append", type=_lora, default=[], metavar="IMAGE[:WEIGHT]",
+        help="face photo; repeat for more. FlashFace: a weight per photo blends identities (A.jpg:0.7 B.jpg:0.3)",
+    )  # fmt: skip
     parser.add_argument("--prompt", help="text prompt (Arc2Face ignores it: it only knows its own template)")
     parser.add_argument("--negative-prompt", help="negative prompt (default: the method's)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
@@ -52,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default 512)")
     parser.add_argument("--lcm", action="store_true", default=None, help="LCM-LoRA: 2-4 steps, guidance 1.0")
     parser.add_argument("--id-scale", type=finite, help="identity strength (AdaFace ID-CFG scale, default 1.0)")
+    parser.add_argument("--face-box", type=_face_box, metavar="X1,Y1,X2,Y2", help="FlashFace: face position in [0,1]")
+    parser.add_argument("--ref-strength", type=non_negative_float, help="FlashFace: reference strength lambda")
+    parser.add_argument("--ref-guidance", type=non_negative_float, help="FlashFace: reference guidance scale (3.2)")
+    parser.add_argument("--ref-guidance-start", type=non_negative_float, help="FlashFace: t at which it starts (750)")
     parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
     parser.add_argument("--controlnet-scale", type=non_negative_float, default=None, help="ControlNet strength (1.0)")
     parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
@@ -77,6 +96,10 @@ _REPLAYED = {
     "lcm": ("lcm", "lcm"),
     "id_scale": ("id_scale", "id_scale"),
     "controlnet_scale": ("controlnet_conditioning_scale", "controlnet_conditioning_scale"),
+    "face_box": ("face_box", "face_box"),
+    "ref_strength": ("reference_strength", "reference_strength"),
+    "ref_guidance": ("reference_guidance", "reference_guidance"),
+    "ref_guidance_start": ("reference_guidance_start", "reference_guidance_start"),
 }
 
 
@@ -131,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--method is required (arc2face or adaface), unless --from IMAGE.png is given")
     if not args.face and id_embeds is None:
         raise ValueError("give at least one --face photo (or --from an idfusion PNG)")
-    for path in (*args.face, args.controlnet_image):
+    for path in (*(p for p, _ in args.face), args.controlnet_image):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{path}: file not found")
     if args.out.exists() and not args.out.is_dir():
@@ -155,14 +178,20 @@ def run(args: argparse.Namespace) -> int:
     if args.detector is not None:
         from ..faces import FaceAnalyzer
 
-        pipe.set_face_analyzer(FaceAnalyzer(args.detector, "onnx", model_dir=pipe.face_model_dir))
+        recognizer = None if args.method in FLASHFACE else "onnx"  # FlashFace uses photos, not embeddings
+        crops = () if recognizer is None else ("arcface",)
+        pipe.set_face_analyzer(FaceAnalyzer(args.detector, recognizer, model_dir=pipe.face_model_dir, crops=crops))
 
-    call = {
-        "num_images_per_prompt": args.num_images or 1,
-        "seed": args.seed,
-        "loras": args.lora,
-        "controlnet_image": args.controlnet_image,
-    }
+    flash = args.method in FLASHFACE
+    if flash and (args.lora or args.controlnet_image or args.lcm or args.id_scale is not None):
+        raise ValueError("--lora, --controlnet-image, --lcm and --id-scale are not FlashFace options")
+    if not flash and any(v is not None for v in (args.face_box, args.ref_strength, args.ref_guidance)):
+        raise ValueError("--face-box, --ref-strength and --ref-guidance are FlashFace options")
+    if not flash and any(w != 1.0 for _, w in args.face):
+        raise ValueError(f"face weights (IMAGE:WEIGHT) blend identities in FlashFace only, not {args.method}")
+    call = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
+    if not flash:
+        call.update(loras=args.lora, controlnet_image=args.controlnet_image)
     for arg, (_, key) in _REPLAYED.items():
         value = getattr(args, arg)
         if value is not None:
@@ -171,8 +200,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--id-scale is an AdaFace option; Arc2Face has no identity scale")
     if "lcm" in call:
         call["lcm"] = bool(call["lcm"])
+    if "reference_guidance_start" in call:
+        call["reference_guidance_start"] = int(call["reference_guidance_start"])
     if args.face:
-        call["faces"] = [str(p) for p in args.face]
+        call["faces"] = [str(p) for p, _ in args.face]
+        if flash and any(w != 1.0 for _, w in args.face):
+            call["face_weights"] = [w for _, w in args.face]
+    elif flash:
+        raise ValueError(f"{args.method} needs the reference photos: pass them with --face")
     else:
         call["id_embeds"] = id_embeds
 

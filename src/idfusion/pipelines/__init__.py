@@ -8,13 +8,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["PIPELINES", "load_pipeline", "pipeline_class", "Arc2FacePipeline", "AdaFacePipeline"]
+__all__ = ["PIPELINES", "load_pipeline", "pipeline_class", "Arc2FacePipeline", "AdaFacePipeline", "FlashFacePipeline"]
 
 # method name -> "module:Class" (imported on first use: loading one method never imports the others)
 PIPELINES = {
     "arc2face": "idfusion.pipelines.pipeline_arc2face:Arc2FacePipeline",
     "adaface": "idfusion.pipelines.pipeline_adaface:AdaFacePipeline",
+    "flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
+    "open-flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
 }
+# methods that share a class and tell it which release they are
+_VARIANT_METHODS = {"flashface", "open-flashface"}
 
 
 def pipeline_class(method: str) -> type:
@@ -27,6 +31,8 @@ def pipeline_class(method: str) -> type:
 def load_pipeline(method: str, model: str | None = None, **kwargs: Any):
     """``pipeline_class(method).from_pretrained(model, **kwargs)``; ``model=None`` means the official release."""
     cls = pipeline_class(method)
+    if method in _VARIANT_METHODS:
+        kwargs["variant"] = method
     return cls.from_pretrained(**kwargs) if model is None else cls.from_pretrained(model, **kwargs)
 
 

@@ -1,0 +1,335 @@
+"""FlashFace (Zhang et al., arXiv 2403.17008): identity from reference feature maps through reference attention.
+
+Two releases, one set of pieces; :class:`FlashFaceVariant` holds every difference between them:
+
+- **official** (``ali-vilab/FlashFace``, ``shilongz/FlashFace-SD1.5``): a fully fine-tuned SD1.5 UNet with a 5th
+  input channel (face-position mask) and a separate reference attention ``attn_ref`` (the checkpoint's
+  ``self_attn.self_attn_first``) in the 10 transformer blocks of the mid block and decoder, plus a ReferenceNet (a
+  UNet copy) run on the clean reference latents at the current timestep, every step, with the negative prompt as its
+  text. Block update, with ``y = norm1(x)`` and ``R`` the ReferenceNet's ``norm1`` outputs of the same block::
+
+      x <- x + attn1(y) + lam * attn_ref(y, [y; R]) + (1 - lam) * attn_ref(y, y)
+
+- **open** (``IntellectGen/flashface``): plain 4-channel SD1.5 UNets; the reference attention *is* ``attn1``
+  (``x <- x + s * attn1(y, [y; R]) + (1 - s) * attn1(y, y)``, ``s`` clipped to [0, 1]), the ReferenceNet runs once
+  at t = 0 with the positive prompt, and the unconditional CFG branch sees no reference.
+
+The official ReferenceNet has no time embedding, mid block or head of its own: it runs the main UNet's (its
+``ref_middle`` weights are stored but never executed). Loading copies those main weights into the ReferenceNet, so
+both networks are plain diffusers ``UNet2DConditionModel``s at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "REFERENCE_BLOCKS",
+    "FlashFaceVariant",
+    "OFFICIAL",
+    "OPEN",
+    "ReferenceBank",
+    "ReferenceWriteProcessor",
+    "ReferenceReadProcessor",
+    "reference_blocks",
+    "add_reference_attention",
+    "build_flashface_models",
+    "attach_reference_processors",
+    "face_position_mask",
+    "forward_with_shared_down_path",
+    "flashface_guidance",
+    "rescale_noise",
+]
+
+# The transformer blocks that read references: the mid block's and the 9 decoder blocks with attention.
+REFERENCE_BLOCKS = ("mid_block.attentions.0.transformer_blocks.0",) + tuple(
+    f"up_blocks.{i}.attentions.{j}.transformer_blocks.0" for i in (1, 2, 3) for j in (0, 1, 2)
+)
+
+
+@dataclass(frozen=True)
+class FlashFaceVariant:
+    """Everything that differs between the official release and the open re-implementation."""
+
+    name: str
+    in_channels: int  # main UNet input: 4 latent channels (+1 face-position mask, official)
+    separate_reference_attention: bool  # official: attn_ref next to attn1; open: attn1 itself
+    references_every_step: bool  # official: ReferenceNet at the current t every step; open: once at t = 0
+    refnet_context: str  # "negative" (official) or "positive" (open)
+    reference_size: int  # pixels of a reference image
+    reference_latents: str  # "mean" (official, deterministic) or "sample" (open)
+    clip_skip: int  # 0: last layer (official); 1: penultimate + final LayerNorm (open)
+    # sampling defaults
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    reference_strength: float
+    scheduler_config: dict = field(default_factory=dict)
+
+
+OFFICIAL = FlashFaceVariant(
+    name="flashface",
+    in_channels=5,
+    separate_reference_attention=True,
+    references_every_step=True,
+    refnet_context="negative",
+    reference_size=224,
+    reference_latents="mean",
+    clip_skip=0,
+    height=768,
+    num_inference_steps=35,
+    guidance_scale=7.5,
+    reference_strength=1.2,
+    scheduler_config={"timestep_spacing": "trailing", "steps_offset": 0},
+)
+OPEN = FlashFaceVariant(
+    name="open-flashface",
+    in_channels=4,
+    separate_reference_attention=False,
+    references_every_step=False,
+    refnet_context="positive",
+    reference_size=256,
+    reference_latents="sample",
+    clip_skip=1,
+    height=512,
+    num_inference_steps=50,
+    guidance_scale=3.0,
+    reference_strength=0.85,
+    scheduler_config={"timestep_spacing": "leading", "steps_offset": 19},  # t = 999, 979, ..., 19
+)
+
+
+def reference_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+    """The 10 reference-reading ``BasicTransformerBlock``s of a UNet (or ReferenceNet), by module path."""
+    modules = dict(unet.named_modules())
+    missing = [path for path in REFERENCE_BLOCKS if path not in modules]
+    if missing:
+        raise ValueError(f"not an SD1.5-topology UNet: no {missing[0]}")
+    return {path: modules[path] for path in REFERENCE_BLOCKS}
+
+
+def add_reference_attention(unet: nn.Module) -> None:
+    """Give each reference block an ``attn_ref``: a copy of its ``attn1`` (the official initialisation), so its
+    state-dict keys are ``<block>.attn_ref.{to_q,to_k,to_v,to_out.0}.*``."""
+    import copy
+
+    for block in reference_blocks(unet).values():
+        if not hasattr(block, "attn_ref"):
+            block.attn_ref = copy.deepcopy(block.attn1)
+
+
+def build_flashface_models(unet_config: dict, variant: FlashFaceVariant) -> tuple[nn.Module, nn.Module]:
+    """The main UNet (``variant.in_channels`` inputs, plus ``attn_ref`` in the official variant) and the ReferenceNet
+    (4 input channels) from one SD1.5-topology UNet config. Works under ``torch.device("meta")``."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+    main = UNet2DConditionModel.from_config({**config, "in_channels": variant.in_channels})
+    if variant.separate_reference_attention:
+        add_reference_attention(main)
+    refnet = UNet2DConditionModel.from_config({**config, "in_channels": 4})
+    return main, refnet
+
+
+class ReferenceBank:
+    """The reference tokens of one generation and the per-sample reference strengths.
+
+    Attributes:
+        tokens: block path -> ``(n_refs, L_ref, C)`` ReferenceNet ``norm1`` outputs (empty: no references).
+        strength: ``(B,)`` reference strength ``lam`` per sample of the main UNet's batch.
+        weights: ``(n_refs,)`` blend weights, or ``None``; a reference's attention logits get ``log(w)``.
+        writing: the ReferenceNet pass is running (processors store instead of read).
+    """
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.strength: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+        self.writing = False
+
+    def clear(self) -> None:
+        self.tokens.clear()
+
+
+def _attention(
+    attn,
+    query_states: torch.Tensor,
+    key_states: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    memory: torch.Tensor | None = None,
+):
+    """``attn``'s projections and SDPA: queries from ``query_states`` (B, Lq, C), keys/values from ``key_states``
+    (B, Lk, C) followed by ``memory`` (1, Lm, C) shared by every sample, projected once and broadcast; ``bias`` is an
+    additive logit bias broadcastable to (B, heads, Lq, Lk + Lm)."""
+    batch, length, _ = query_states.shape
+    heads = attn.heads
+    q, k, v = attn.to_q(query_states), attn.to_k(key_states), attn.to_v(key_states)
+    if memory is not None:
+        k = torch.cat([k, attn.to_k(memory).expand(batch, -1, -1)], dim=1)  # (B, Lk + Lm, C)
+        v = torch.cat([v, attn.to_v(memory).expand(batch, -1, -1)], dim=1)
+    head_dim = q.shape[-1] // heads
+    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = out.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, Lq, C)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+class ReferenceWriteProcessor:
+    """On the ReferenceNet's reference blocks: stores ``norm1(x)`` (the processor's input), then attends as usual."""
+
+    def __init__(self, bank: ReferenceBank, key: str):
+        self.bank, self.key = bank, key
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if self.bank.writing:
+            self.bank.tokens[self.key] = hidden_states
+        return _attention(attn, hidden_states, hidden_states)
+
+
+class ReferenceReadProcessor:
+    """On the main UNet's reference blocks (``attn1``): self-attention plus the reference update.
+
+    ``out = [attn1(y)] + lam * ref(y, [y; R]) + (1 - lam) * ref(y, y)``, per sample, where ``ref`` is ``attn_ref``
+    (official) or ``attn1`` itself (open, without the bracketed term). Samples with ``lam = 0`` skip the ``[y; R]``
+    attention and samples with ``lam = 1`` skip ``ref(y, y)``, and the references' keys and values are projected
+    once for all samples: the result is the same, the work is not done.
+    """
+
+    def __init__(self, bank: ReferenceBank, key: str, reference_attention: nn.Module | None):
+        self.bank, self.key = bank, key
+        # Not a registered submodule: it is the block's own attn_ref, already in the state dict there.
+        self.reference_attention = reference_attention
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        y = hidden_states
+        batch = y.shape[0]
+        if self.bank.writing:  # a UNet used as its own ReferenceNet (open variant shares nothing; safe either way)
+            self.bank.tokens[self.key] = y
+            return _attention(attn, y, y)
+        ref = self.reference_attention if self.reference_attention is not None else attn
+        out = _attention(attn, y, y) if self.reference_attention is not None else torch.zeros_like(y)
+        tokens = self.bank.tokens.get(self.key)
+        strength = self.bank.strength
+        if strength is None:
+            strength = torch.zeros(batch, device=y.device)
+        if self.reference_attention is None:
+            strength = strength.clamp(0.0, 1.0)  # open: s >= 1 means "full reference"
+        if tokens is None:
+            strength = torch.zeros_like(strength)  # no references: only ref(y, y)
+        lam = strength.to(device=y.device, dtype=y.dtype).view(batch, 1, 1)
+
+        with_ref = (strength != 0).nonzero().flatten().tolist()
+        without_ref = (strength != 1).nonzero().flatten().tolist()
+        if without_ref:
+            index = torch.tensor(without_ref, device=y.device)
+            plain = _attention(ref, y[index], y[index])
+            out = out.index_add(0, index, (1 - lam[index]) * plain)
+        if with_ref:
+            index = torch.tensor(with_ref, device=y.device)
+            n_refs, length, channels = tokens.shape
+            # (n, L, C) -> (1, n*L, C): every sample attends to all references; projected once, broadcast
+            memory = tokens.reshape(1, n_refs * length, channels).to(y.dtype)
+            bias = None
+            if self.bank.weights is not None:
+                # log-weights on each reference's tokens: attention mass shifts smoothly between identities
+                log_w = self.bank.weights.to(device=y.device, dtype=y.dtype).clamp_min(1e-12).log()
+                bias = torch.cat([y.new_zeros(y.shape[1]), log_w.repeat_interleave(length)])  # (Lq + n*L,)
+                bias = bias.view(1, 1, 1, -1)  # broadcast over (B, heads, Lq, Lk)
+            mixed = _attention(ref, y[index], y[index], bias, memory=memory)
+            out = out.index_add(0, index, lam[index] * mixed)
+        return out
+
+
+def attach_reference_processors(unet: nn.Module, refnet: nn.Module, bank: ReferenceBank, variant: FlashFaceVariant):
+    """Write processors on the ReferenceNet's reference blocks, read processors on the main UNet's."""
+    for path, block in reference_blocks(refnet).items():
+        block.attn1.set_processor(ReferenceWriteProcessor(bank, path))
+    for path, block in reference_blocks(unet).items():
+        partner = block.attn_ref if variant.separate_reference_attention else None
+        block.attn1.set_processor(ReferenceReadProcessor(bank, path, partner))
+
+
+def forward_with_shared_down_path(
+    unet: nn.Module, sample: torch.Tensor, timestep, context: torch.Tensor, fork: torch.Tensor
+) -> torch.Tensor:
+    """A UNet forward whose down path runs once per *distinct* input and forks before the mid block.
+
+    References enter only in the mid and up blocks, so guidance branches that differ only in reference strength
+    (official phase B: ``[positive + references, positive]``) have identical down paths. ``sample`` (M, C, h, w)
+    and ``context`` (M, 77, D) are the distinct inputs; output row ``j`` continues input row ``fork[j]``. Equals
+    ``unet(sample[fork], timestep, context[fork])`` for SD1.5-topology UNets.
+    """
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep))  # (M, 1280)
+    sample = unet.conv_in(sample)
+    residuals: tuple[torch.Tensor, ...] = (sample,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=context)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        residuals += res
+    # fork: (M, ...) -> (K, ...), every tensor the later blocks read
+    sample, emb, context = sample[fork], emb[fork], context[fork]
+    residuals = tuple(r[fork] for r in residuals)
+    sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
+    for index, block in enumerate(unet.up_blocks):
+        res, residuals = residuals[-len(block.resnets) :], residuals[: -len(block.resnets)]
+        size = residuals[-1].shape[2:] if index < len(unet.up_blocks) - 1 else None
+        if getattr(block, "has_cross_attention", False):
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=context,
+                           upsample_size=size)  # fmt: skip
+        else:
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+    if unet.conv_norm_out is not None:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample)
+
+
+def face_position_mask(box: Sequence[float] | None, height: int, width: int, scale: int = 8) -> torch.Tensor:
+    """The official face-position channel: ``(1, 1, H/8, W/8)``, 1 inside a square of side ``max(w, h)`` anchored at
+    the box's top-left corner (relative coordinates ``x1, y1, x2, y2``), 0 elsewhere; no box (or all zeros): zeros."""
+    mask = torch.zeros(1, 1, height, width)
+    if box is not None and any(box):
+        x1, y1, x2, y2 = box
+        side = max((x2 - x1) * width, (y2 - y1) * height)
+        left, top = int(x1 * width), int(y1 * height)
+        mask[..., top : top + int(side), left : left + int(side)] = 1.0
+    return mask[..., ::scale, ::scale].contiguous()  # stride slicing, as the official code subsamples
+
+
+def rescale_noise(guided: torch.Tensor, positive: torch.Tensor, rescale: float) -> torch.Tensor:
+    """CFG-rescale (Lin et al. 2023, arXiv 2305.08891, eq. 15-16): match the guided prediction's per-sample std to
+    the positive prediction's, blended by ``rescale``."""
+    if rescale == 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    factor = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return guided * (rescale * factor + (1.0 - rescale))
+
+
+def flashface_guidance(
+    branches: torch.Tensor,
+    *,
+    text_scale: float,
+    reference_scale: float | None,
+    rescale: float,
+) -> torch.Tensor:
+    """Combine the batched branch predictions of one step.
+
+    Args:
+        branches: ``(2, N, ...)`` as ``[positive, negative]`` (phase A, references in both) or ``(3, N, ...)`` as
+            ``[positive + reference, positive, negative]`` (phase B).
+        text_scale: ``s_t``; reference_scale: ``s_r`` (phase B only); rescale: CFG-rescale factor (0.5 official).
+    """
+    if branches.shape[0] == 2:
+        positive, negative = branches
+        return rescale_noise(negative + text_scale * (positive - negative), positive, rescale)
+    with_reference, positive, negative = branches
+    guided = negative + text_scale * (positive - negative) + reference_scale * (with_reference - positive)
+    # rescaled against the positive, no-reference prediction (official)
+    return rescale_noise(guided, positive, rescale)

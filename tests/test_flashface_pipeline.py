@@ -1,0 +1,166 @@
+"""FlashFace pipeline behaviour on tiny random models: references, guidance, blending, position, speed paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idfusion.errors import IdfusionError
+from idfusion.faces import FaceAnalyzer
+from idfusion.methods import flashface as ff
+
+
+def _pipeline(variant):
+    from diffusers import DDIMScheduler
+
+    from idfusion.pipelines.pipeline_flashface import FlashFacePipeline
+    from idfusion.testing.clip_tokenizer import load_clip_tokenizer
+    from idfusion.testing.components import tiny_text_encoder, tiny_unet_config, tiny_vae
+
+    torch.manual_seed(0)
+    unet, refnet = ff.build_flashface_models(tiny_unet_config(layers_per_block=2), variant)
+    with torch.no_grad():  # random (non-zero) mask channel and reference attention, as in a trained model
+        if variant.in_channels == 5:
+            unet.conv_in.weight[:, 4].normal_(std=0.5)
+        for block in ff.reference_blocks(unet).values():
+            if hasattr(block, "attn_ref"):
+                for p in block.attn_ref.parameters():
+                    p.add_(torch.randn_like(p) * 0.2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, **variant.scheduler_config)  # fmt: skip
+    pipe = FlashFacePipeline(tiny_vae(), tiny_text_encoder(), load_clip_tokenizer(), unet.eval(), refnet.eval(),
+                             scheduler, variant=variant.name)  # fmt: skip
+    pipe.set_face_analyzer(FaceAnalyzer("hog", None, crops=()))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def official():
+    return _pipeline(ff.OFFICIAL)
+
+
+@pytest.fixture(scope="module")
+def open_release():
+    return _pipeline(ff.OPEN)
+
+
+def _run(pipe, **kwargs):
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("num_inference_steps", 4)  # trailing: t = 999 (phase A), 749, 499, 249 (phase B)
+    return np.stack(pipe(output_type="np", **kwargs).images)
+
+
+def test_lambda_zero_and_no_references_give_the_base_model(official, open_release, faces_dir):
+    face = [faces_dir / "obama.jpg"]
+    for pipe in (official, open_release):
+        none = _run(pipe, reference_latents=torch.zeros(0, 4, 28, 28))
+        zero = _run(pipe, faces=face, reference_strength=0.0, strength_before_guidance=0.0)
+        np.testing.assert_allclose(zero, none, atol=1e-5)
+        assert np.abs(_run(pipe, faces=face) - none).max() > 1e-3  # references do matter
+
+
+def test_one_reference_repeated_four_times_equals_padding(official, faces_dir):
+    once = _run(official, faces=[faces_dir / "obama.jpg"])
+    four = _run(official, faces=[faces_dir / "obama.jpg"] * 4)
+    np.testing.assert_allclose(once, four, atol=1e-4)  # only the VAE's batch-of-4 vs batch-of-1 float noise
+
+
+def test_precomputed_latents_equal_faces_and_same_seed_same_pixels(official, faces_dir):
+    crops = official.reference_images([faces_dir / "obama.jpg", faces_dir / "obama_rgba.png"])
+    latents = official.encode_references(crops, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 28, 28)  # 224 px references -> 28x28 latents
+    by_faces = _run(official, faces=[faces_dir / "obama.jpg", faces_dir / "obama_rgba.png"], seed=5)
+    by_latents = _run(official, reference_latents=latents, seed=5)
+    np.testing.assert_array_equal(by_faces, by_latents)
+    np.testing.assert_array_equal(by_faces, _run(official, reference_latents=latents, seed=5))
+
+
+def test_batch_equals_single_calls(official):
+    latents = torch.randn(3, 4, 28, 28, generator=torch.Generator().manual_seed(1))
+    batch = _run(official, reference_latents=latents, seed=7, num_images_per_prompt=2)
+    singles = np.concatenate([_run(official, reference_latents=latents, seed=s) for s in (7, 8)])
+    np.testing.assert_allclose(batch, singles, atol=1e-5)
+
+
+def test_blend_weights_change_the_output_continuously(official):
+    latents = torch.randn(2, 4, 28, 28, generator=torch.Generator().manual_seed(2))  # two "people"
+    equal = _run(official, reference_latents=latents)
+    np.testing.assert_array_equal(equal, _run(official, reference_latents=latents, face_weights=[0.6, 0.6]))
+    distances = [np.abs(_run(official, reference_latents=latents, face_weights=[1.0, w]) - equal).max()
+                 for w in (0.999, 0.9, 0.5, 0.1)]  # fmt: skip
+    assert distances[0] < 1e-2  # a tiny weight change, a tiny image change
+    assert distances == sorted(distances) and distances[-1] > 1e-2  # and it grows with the change
+
+
+def test_face_box_steers_and_zero_box_means_none(official):
+    latents = torch.randn(1, 4, 28, 28, generator=torch.Generator().manual_seed(3))
+    free = _run(official, reference_latents=latents)
+    np.testing.assert_array_equal(free, _run(official, reference_latents=latents, face_box=[0, 0, 0, 0]))
+    boxed = _run(official, reference_latents=latents, face_box=[0.3, 0.1, 0.6, 0.4])
+    assert np.abs(boxed - free).max() > 1e-3
+    mask = ff.face_position_mask([0.25, 0.5, 0.5, 0.625], 64, 64)
+    assert mask.shape == (1, 1, 8, 8)
+    # square of side max(16, 8) = 16 px at (16, 32): latent rows 4..5, columns 2..3
+    expected = torch.zeros(8, 8)
+    expected[4:6, 2:4] = 1
+    torch.testing.assert_close(mask[0, 0], expected)
+
+
+def test_speed_paths_equal_the_official_computation(official):
+    """Skipping terms with zero weight, projecting references once and sharing the down path of branches that
+    only differ in reference strength change nothing: the official step-by-step loop gives the same images."""
+    from idfusion.bench import flashface_official_loop, use_official_processors
+
+    latents = torch.randn(4, 4, 28, 28, generator=torch.Generator().manual_seed(4))
+    ours = official(reference_latents=latents, prompt="a photo of a person", seed=11, num_inference_steps=4,
+                    output_type="np").images  # fmt: skip
+    try:
+        use_official_processors(official)
+        reference = flashface_official_loop(official, latents, 4, 11)
+    finally:
+        ff.attach_reference_processors(official.unet, official.refnet, official.bank, official.variant)
+    np.testing.assert_allclose(np.stack(ours), reference, atol=1e-4)
+
+
+def test_shared_down_path_equals_a_plain_forward(official):
+    unet = official.unet
+    sample = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(5))
+    context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(6))
+    fork = torch.tensor([0, 0, 1])
+    official.bank.strength = torch.tensor([0.0, 0.0, 0.0])
+    with torch.no_grad():
+        shared = ff.forward_with_shared_down_path(unet, sample, torch.tensor(500), context, fork)
+        plain = unet(sample[fork], torch.tensor(500), encoder_hidden_states=context[fork]).sample
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_errors(official, faces_dir):
+    with pytest.raises(IdfusionError, match="reference 1 shows 6 faces; FlashFace needs exactly one face"):
+        official(faces=[faces_dir / "group_six_faces.jpg"], num_inference_steps=1)
+    with pytest.raises(IdfusionError, match="give 1 to 4 references, got 5"):
+        official(faces=[faces_dir / "obama.jpg"] * 5, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"face_box must be 4 numbers x1, y1, x2, y2 in \[0, 1\]"):
+        official(faces=[faces_dir / "obama.jpg"], face_box=[0.2, 0.2, 1.4, 0.5], num_inference_steps=1)
+    with pytest.raises(IdfusionError, match="need 2 finite weights"):
+        official(reference_latents=torch.zeros(2, 4, 28, 28), face_weights=[1.0], num_inference_steps=1)
+    blank = np.full((200, 200, 3), 127, dtype=np.uint8)
+    with pytest.raises(IdfusionError, match="no face found"):
+        official(faces=[blank], num_inference_steps=1)
+
+
+def test_open_release_behaviour(open_release, faces_dir):
+    crops = open_release.reference_images([faces_dir / "obama.jpg"])
+    assert crops[0].size == (256, 256)
+    assert open_release.encode_references(crops, torch.Generator().manual_seed(0)).shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match="face_box needs the official FlashFace model"):
+        open_release(faces=[faces_dir / "obama.jpg"], face_box=[0.1, 0.1, 0.5, 0.5], num_inference_steps=1)
+    # references are computed once (t = 0) and reused: the ReferenceNet runs on the first step only
+    calls = []
+    handle = open_release.refnet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _run(open_release, faces=[faces_dir / "obama.jpg"])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
