@@ -164,3 +164,44 @@ def test_open_release_behaviour(open_release, faces_dir):
     finally:
         handle.remove()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method", ["flashface", "open-flashface"])
+def test_offline_cli_path_with_no_other_flags(method, tmp_path, faces_dir, capsys, monkeypatch):
+    from idfusion.cli.main import main
+    from idfusion.outputs import read_generation_metadata
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "model"
+    assert main(["make-tiny", "--method", method, "--out", str(model)]) == 0
+    capsys.readouterr()
+    code = main(["generate", "--method", method, "--model", str(model), "--face", str(faces_dir / "obama.jpg"),
+                 "--prompt", "a photo of a person in a garden", "--out", str(tmp_path / "out"), "--steps", "3"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    image_path, sheet_path = capsys.readouterr().out.split()
+    meta = read_generation_metadata(image_path)
+    assert meta["method"] == method and meta["num_references"] == 1 and meta["steps"] == 3
+
+
+def test_cli_blend_weights_box_and_errors(tmp_path, faces_dir, capsys):
+    from idfusion.cli.main import main
+    from idfusion.outputs import read_generation_metadata
+    from idfusion.testing import make_tiny
+
+    model = tmp_path / "model"
+    make_tiny("flashface", model)
+    base = ["generate", "--method", "flashface", "--model", str(model), "--steps", "2", "--out", str(tmp_path / "o"),
+            "--no-contact-sheet", "--detector", "hog"]  # fmt: skip
+    two = ["--face", f"{faces_dir / 'obama.jpg'}:0.7", "--face", f"{faces_dir / 'tom_hanks_aligned_112.png'}:0.3"]
+    assert main([*base, *two, "--face-box", "0.3,0.1,0.6,0.4", "--ref-strength", "1.0"]) == 0
+    meta = read_generation_metadata(capsys.readouterr().out.split()[0])
+    assert meta["face_weights"] == [0.7, 0.3] and meta["face_box"] == [0.3, 0.1, 0.6, 0.4]
+    assert meta["reference_strength"] == 1.0 and meta["num_references"] == 2
+
+    assert main([*base, "--face", str(faces_dir / "group_six_faces.jpg")]) == 1
+    assert "group_six_faces.jpg: reference 1 shows 6 faces" in capsys.readouterr().err
+    assert main([*base, *(["--face", str(faces_dir / "obama.jpg")] * 5)]) == 1
+    assert "give 1 to 4 references, got 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--face", str(faces_dir / "obama.jpg"), "--face-box", "0.2,0.2,1.5,0.4"])
+    assert "expected x1,y1,x2,y2 with each value in [0, 1]" in capsys.readouterr().err

@@ -185,7 +185,9 @@ def flashface_full_size(components: dict, dtype: torch.dtype, device: str, tiny:
     from .testing import components as c
 
     torch.manual_seed(1)
+    # FlashFace's GroupNorms use eps 1e-6 (SD1.5: 1e-5)
     config = c.tiny_unet_config(layers_per_block=2, cross_attention_dim=512) if tiny else c.sd15_unet_config()
+    config = {**config, "norm_eps": 1e-6}
     unet, refnet = build_flashface_models(config, OFFICIAL)
     for module in (unet, refnet):
         module.to(device=device, dtype=dtype).eval()

@@ -18,6 +18,7 @@ from .. import __version__
 # subcommand name -> module under idfusion.cli
 SUBCOMMANDS = {
     "bench": "bench",
+    "convert": "convert",
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",

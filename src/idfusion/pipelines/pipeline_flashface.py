@@ -283,9 +283,10 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         )
         return noise.view(len(branches), count, *noise.shape[1:])
 
-    def _native_size(self) -> int | None:
-        """The release's resolution (768 official, 512 open) for full-size UNets; tiny ones use their own."""
-        return self.variant.height if self.unet.config.sample_size >= 64 else None
+    def _native_size(self) -> int:
+        """The release's resolution (768 official, 512 open) for full-width UNets (320 base channels); 64 px for the
+        test kit's narrow ones. The official checkpoint stores no sample size, so width is what tells them apart."""
+        return self.variant.height if self.unet.config.block_out_channels[0] >= 320 else 64
 
     # ---- call ------------------------------------------------------------------------------------------------
 

@@ -62,6 +62,30 @@ Methods and the layouts they write (paths relative to the output folder):
         models/insightface/models/antelopev2/arcface.onnx
         models/stable-diffusion-v1-5/...          (the ``sd15`` layout, 512 wide)
 
+``flashface``
+    The official FlashFace release as the repo's ``cache/`` folder (``shilongz/FlashFace-SD1.5``), in FlashFace's
+    own key naming, plus face models where the pipeline looks (see ``idfusion.testing.tiny_flashface``)::
+
+        flashface.ckpt                            (torch.save'd OrderedDict: all 2,142 official key names)
+        openai-clip-vit-large-14.pth              (CLIP visual.* + textual.* + log_scale)
+        sd-v1-vae.pth                             (VAE, the 240 official key names)
+        bpe_simple_vocab_16e6.txt.gz              (the real CLIP BPE file)
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
+
+``open-flashface``
+    The open re-implementation's diffusers folder (``IntellectGen/FlashFace``; see
+    ``idfusion.testing.tiny_flashface``)::
+
+        model_index.json                          (StableDiffusionReferencePipeline, diffusers 0.22.1)
+        unet/config.json
+        unet/diffusion_pytorch_model.safetensors
+        refnet/config.json
+        refnet/diffusion_pytorch_model.safetensors
+        vae/...  text_encoder/...  tokenizer/...  scheduler/scheduler_config.json (DDIMScheduler)
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
+
 Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
 folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
 the writer, so that this module stays cheap to import.
@@ -193,11 +217,27 @@ def write_adaface(out_dir: Path, seed: int) -> list[Path]:
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
 
+def write_flashface(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny official FlashFace release (see ``idfusion.testing.tiny_flashface``)."""
+    from idfusion.testing.tiny_flashface import write_flashface as write
+
+    return write(out_dir, seed)
+
+
+def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny open FlashFace (IntellectGen) diffusers folder (see ``idfusion.testing.tiny_flashface``)."""
+    from idfusion.testing.tiny_flashface import write_open_flashface as write
+
+    return write(out_dir, seed)
+
+
 MAKE_TINY: dict[str, Writer] = {
     "sd15": write_sd15,
     "antelopev2": write_antelopev2,
     "arc2face": write_arc2face,
     "adaface": write_adaface,
+    "flashface": write_flashface,
+    "open-flashface": write_open_flashface,
 }
 
 
