@@ -205,3 +205,38 @@ def test_cli_blend_weights_box_and_errors(tmp_path, faces_dir, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--face", str(faces_dir / "obama.jpg"), "--face-box", "0.2,0.2,1.5,0.4"])
     assert "expected x1,y1,x2,y2 with each value in [0, 1]" in capsys.readouterr().err
+
+
+def test_save_load_and_convert_give_the_same_images(tmp_path, capsys):
+    """Official files, the `idfusion convert` output, and save_pretrained -> from_pretrained: the same pixels."""
+    from idfusion.cli.main import main
+    from idfusion.pipelines import FlashFacePipeline
+    from idfusion.testing import make_tiny
+
+    official_dir = tmp_path / "cache"
+    make_tiny("flashface", official_dir)
+    latents = torch.randn(2, 4, 28, 28, generator=torch.Generator().manual_seed(9))
+
+    def images(folder):
+        pipe = FlashFacePipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, _run(pipe, reference_latents=latents, seed=3, num_inference_steps=3)
+
+    pipe, from_official = images(official_dir)
+    assert main(["convert", "--method", "flashface", str(official_dir), str(tmp_path / "converted")]) == 0
+    assert (tmp_path / "converted" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    _, from_converted = images(tmp_path / "converted")
+    pipe.save_pretrained(tmp_path / "saved")
+    _, from_saved = images(tmp_path / "saved")
+    np.testing.assert_array_equal(from_official, from_converted)
+    np.testing.assert_array_equal(from_official, from_saved)
+    assert main(["convert", "--method", "flashface", str(official_dir), str(tmp_path / "converted")]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_the_fallback_without_log_sum_exp_gives_the_same_images(official, monkeypatch):
+    latents = torch.randn(2, 4, 28, 28, generator=torch.Generator().manual_seed(12))
+    split = _run(official, reference_latents=latents, face_weights=[1.0, 0.5])
+    monkeypatch.setattr(ff, "_attention_with_lse", lambda *args, **kwargs: None)  # as on devices without the op
+    direct = _run(official, reference_latents=latents, face_weights=[1.0, 0.5])
+    np.testing.assert_allclose(split, direct, atol=1e-5)

@@ -191,13 +191,37 @@ class ReferenceWriteProcessor:
         return _attention(attn, hidden_states, hidden_states)
 
 
+def _heads(attn, states: torch.Tensor, projection) -> torch.Tensor:
+    batch = states.shape[0]
+    out = projection(states)
+    return out.view(batch, -1, attn.heads, out.shape[-1] // attn.heads).transpose(1, 2)  # (B, heads, L, head_dim)
+
+
+def _attention_with_lse(q, k, v, bias=None):
+    """SDPA that also returns each query's log-sum-exp of logits, ``(B, heads, Lq)``; ``None`` where unavailable.
+
+    With two such results over disjoint key sets, the attention over their union is the LSE-weighted mix of the two
+    (the split used by flash attention), so the official ``ref(y, [y; R])`` needs no second pass over ``y``.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or q.device.type != "cpu":
+        return None
+    out, lse = op(q, k, v, attn_mask=bias)[:2]
+    return out, lse
+
+
 class ReferenceReadProcessor:
     """On the main UNet's reference blocks (``attn1``): self-attention plus the reference update.
 
     ``out = [attn1(y)] + lam * ref(y, [y; R]) + (1 - lam) * ref(y, y)``, per sample, where ``ref`` is ``attn_ref``
-    (official) or ``attn1`` itself (open, without the bracketed term). Samples with ``lam = 0`` skip the ``[y; R]``
-    attention and samples with ``lam = 1`` skip ``ref(y, y)``, and the references' keys and values are projected
-    once for all samples: the result is the same, the work is not done.
+    (official) or ``attn1`` itself (open, without the bracketed term). The result is computed with less work:
+
+    - samples with ``lam = 0`` skip the ``[y; R]`` attention;
+    - the references' keys and values are projected once for all samples;
+    - ``ref(y, [y; R])`` is the log-sum-exp-weighted mix of ``ref(y, y)`` and ``ref(y, R)``, so with ``O_y`` and
+      ``O_R`` the update is ``O_y + lam * (1 - w) * (O_R - O_y)``, ``w = sigmoid(lse_y - lse_R)``: the costly
+      attention over ``L + n*L_ref`` keys and the one over ``L`` keys become one over ``L`` and one over ``n*L_ref``.
+      (Where the log-sum-exp is not available, the two attentions are computed as written.)
     """
 
     def __init__(self, bank: ReferenceBank, key: str, reference_attention: nn.Module | None):
@@ -207,42 +231,52 @@ class ReferenceReadProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         y = hidden_states
-        batch = y.shape[0]
+        batch, length, _ = y.shape
         if self.bank.writing:  # a UNet used as its own ReferenceNet (open variant shares nothing; safe either way)
             self.bank.tokens[self.key] = y
             return _attention(attn, y, y)
         ref = self.reference_attention if self.reference_attention is not None else attn
-        out = _attention(attn, y, y) if self.reference_attention is not None else torch.zeros_like(y)
+        out = _attention(attn, y, y) if self.reference_attention is not None else None
         tokens = self.bank.tokens.get(self.key)
-        strength = self.bank.strength
-        if strength is None:
-            strength = torch.zeros(batch, device=y.device)
+        strength = self.bank.strength if self.bank.strength is not None else torch.zeros(batch)
         if self.reference_attention is None:
             strength = strength.clamp(0.0, 1.0)  # open: s >= 1 means "full reference"
         if tokens is None:
             strength = torch.zeros_like(strength)  # no references: only ref(y, y)
-        lam = strength.to(device=y.device, dtype=y.dtype).view(batch, 1, 1)
+        lam = strength.to(device=y.device, dtype=torch.float32).view(batch, 1, 1, 1)
 
-        with_ref = (strength != 0).nonzero().flatten().tolist()
-        without_ref = (strength != 1).nonzero().flatten().tolist()
-        if without_ref:
-            index = torch.tensor(without_ref, device=y.device)
-            plain = _attention(ref, y[index], y[index])
-            out = out.index_add(0, index, (1 - lam[index]) * plain)
-        if with_ref:
-            index = torch.tensor(with_ref, device=y.device)
-            n_refs, length, channels = tokens.shape
-            # (n, L, C) -> (1, n*L, C): every sample attends to all references; projected once, broadcast
-            memory = tokens.reshape(1, n_refs * length, channels).to(y.dtype)
+        q, k, v = (_heads(ref, y, proj) for proj in (ref.to_q, ref.to_k, ref.to_v))  # (B, heads, L, head_dim)
+        with_ref = bool((strength != 0).any())
+        if not with_ref:
+            heads = F.scaled_dot_product_attention(q, k, v)
+        else:
+            n_refs, ref_length, channels = tokens.shape
+            # (n, L_ref, C) -> (1, n*L_ref, C): every sample attends to all references; projected once, broadcast
+            memory = tokens.reshape(1, n_refs * ref_length, channels).to(y.dtype)
+            k_ref = _heads(ref, memory, ref.to_k).expand(batch, -1, -1, -1)
+            v_ref = _heads(ref, memory, ref.to_v).expand(batch, -1, -1, -1)
             bias = None
             if self.bank.weights is not None:
                 # log-weights on each reference's tokens: attention mass shifts smoothly between identities
                 log_w = self.bank.weights.to(device=y.device, dtype=y.dtype).clamp_min(1e-12).log()
-                bias = torch.cat([y.new_zeros(y.shape[1]), log_w.repeat_interleave(length)])  # (Lq + n*L,)
-                bias = bias.view(1, 1, 1, -1)  # broadcast over (B, heads, Lq, Lk)
-            mixed = _attention(ref, y[index], y[index], bias, memory=memory)
-            out = out.index_add(0, index, lam[index] * mixed)
-        return out
+                bias = log_w.repeat_interleave(ref_length).view(1, 1, 1, -1)  # broadcast over (B, heads, L, n*L_ref)
+            own = _attention_with_lse(q, k, v)
+            other = _attention_with_lse(q, k_ref, v_ref, bias) if own is not None else None
+            if other is not None:
+                (o_y, lse_y), (o_r, lse_r) = own, other
+                weight = torch.sigmoid(lse_y - lse_r).unsqueeze(-1)  # share of the mass on y's own keys
+                heads = o_y.float() + lam * (1 - weight) * (o_r.float() - o_y.float())
+            else:
+                o_y = F.scaled_dot_product_attention(q, k, v)
+                full_bias = None if bias is None else torch.cat([y.new_zeros(1, 1, 1, length), bias], dim=-1)
+                o_full = F.scaled_dot_product_attention(
+                    q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2), attn_mask=full_bias
+                )
+                heads = o_y.float() + lam * (o_full.float() - o_y.float())
+        heads = heads.to(y.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, L, C)
+        # to_out is affine and lam + (1 - lam) = 1, so mixing before it equals mixing the two outputs
+        reference = ref.to_out[1](ref.to_out[0](heads))
+        return reference if out is None else out + reference
 
 
 def attach_reference_processors(unet: nn.Module, refnet: nn.Module, bank: ReferenceBank, variant: FlashFaceVariant):
