@@ -150,9 +150,8 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             parts = ckpt.load_official_flashface(folder, torch_dtype=torch_dtype)
         else:
             parts = ckpt.load_open_flashface(folder, torch_dtype=torch_dtype)
-        scheduler = DDIMScheduler.from_config(
-            {**_scheduler_base(folder), **found.scheduler_config, "clip_sample": False, "set_alpha_to_one": False}
-        )
+        # the release's noise schedule, with the variant's timestep spacing (official: trailing; open: offset 19)
+        scheduler = DDIMScheduler.from_config({**parts["scheduler"].config, **found.scheduler_config})
         pipe = cls(
             parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["refnet"], scheduler,
             variant=found.name,
@@ -467,12 +466,3 @@ def flashface_scheduler(config: dict):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(config)
-
-
-def _scheduler_base(folder: Path) -> dict:
-    """SD1.5's noise schedule (FlashFace keeps it: scaled_linear 0.00085-0.012, 1000 steps, epsilon)."""
-    path = folder / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-            "prediction_type": "epsilon"}  # fmt: skip
