@@ -240,3 +240,20 @@ def test_the_fallback_without_log_sum_exp_gives_the_same_images(official, monkey
     monkeypatch.setattr(ff, "_attention_with_lse", lambda *args, **kwargs: None)  # as on devices without the op
     direct = _run(official, reference_latents=latents, face_weights=[1.0, 0.5])
     np.testing.assert_allclose(split, direct, atol=1e-5)
+
+
+def test_regenerate_from_png(tmp_path, faces_dir, capsys):
+    from PIL import Image
+
+    from idfusion.cli.main import main
+    from idfusion.testing import make_tiny
+
+    model = tmp_path / "model"
+    make_tiny("open-flashface", model)
+    common = ["--model", str(model), "--face", str(faces_dir / "obama.jpg"), "--no-contact-sheet"]
+    assert main(["generate", "--method", "open-flashface", "--steps", "2", "--seed", "6", "--out",
+                 str(tmp_path / "a"), "--ref-strength", "0.7", *common]) == 0  # fmt: skip
+    first = capsys.readouterr().out.split()[0]
+    assert main(["generate", "--from", first, "--out", str(tmp_path / "b"), *common]) == 0
+    second = capsys.readouterr().out.split()[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))

@@ -24,7 +24,7 @@ from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..methods import flashface
 from ..methods.flashface import OFFICIAL, OPEN, FlashFaceVariant, ReferenceBank
-from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_generators
+from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_generators, make_scheduler
 
 __all__ = ["FlashFacePipeline", "ReferenceError"]
 
@@ -303,6 +303,7 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         seed: int | Sequence[int] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        scheduler: str | None = None,
         reference_strength: float | None = None,
         reference_guidance: float = OFFICIAL_REFERENCE_GUIDANCE,
         reference_guidance_start: int = OFFICIAL_GUIDANCE_START,
@@ -331,13 +332,15 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             guidance_rescale: CFG-rescale factor (official 0.5; 0 disables it).
             face_box: face position ``(x1, y1, x2, y2)`` in [0, 1] (official only); ``None`` or zeros: anywhere.
             num_inference_steps, guidance_scale, height, width: official 35, 7.5, 768; open 50, 3.0, 512.
+            scheduler: default ``"ddim"`` with the release's timestep spacing (official: trailing), as trained;
+                other samplers are built from the same noise schedule.
         """
         variant = self.variant
         # 1. Check inputs and fill the variant's defaults
         settings = self.sampling_settings(
             {"num_inference_steps": variant.num_inference_steps, "guidance_scale": variant.guidance_scale,
              "scheduler": "ddim"},
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=None,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             height=height or self._native_size(), width=width or self._native_size(),
             seed=seed, num_images_per_prompt=num_images_per_prompt,
         )  # fmt: skip
@@ -391,7 +394,7 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
 
         # 4. Initial noise (one generator per image), timesteps, face-position mask
-        self.scheduler = flashface_scheduler(self._base_scheduler_config)
+        self.scheduler = make_scheduler(settings.scheduler, self._base_scheduler_config)
         self.scheduler.set_timesteps(settings.steps, device=self._execution_device)
         shape = (4, settings.height // 8, settings.width // 8)
         latents = torch.stack([torch.randn(shape, generator=g) for g in make_generators(settings.seeds)])
@@ -448,7 +451,7 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             negative_prompt=negative_prompt,
             steps=settings.steps,
             guidance_scale=settings.guidance_scale,
-            scheduler="ddim",
+            scheduler=settings.scheduler,
             width=settings.width,
             height=settings.height,
             reference_strength=strength,
