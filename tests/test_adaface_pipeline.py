@@ -169,3 +169,19 @@ def test_bad_inputs(pipe, tiny_adaface, tmp_path, faces_dir):
         pipe(faces=[FaceAnalyzer().get(faces_dir / "obama.jpg")], num_inference_steps=1)
     with pytest.raises(ValueError, match="id_scale must be a finite number"):
         pipe(id_embeds=IDENTITY, id_scale=float("inf"), num_inference_steps=1)
+
+
+def test_converted_safetensors_checkpoint_gives_the_same_images(pipe, tiny_adaface, tmp_path, capsys):
+    from idfusion.pipelines import AdaFacePipeline
+
+    release = tmp_path / "release"
+    shutil.copytree(tiny_adaface, release)
+    (official,) = (release / "models/adaface").glob("*.pt")
+    converted = release / "models/adaface" / (official.stem + ".safetensors")
+    assert main(["convert", "--method", "adaface", str(official), str(converted)]) == 0
+    official.unlink()  # only the pickle-free file is left
+    reloaded = AdaFacePipeline.from_pretrained(release, local_files_only=True)
+    reloaded.set_progress_bar_config(disable=True)
+    before = pipe(id_embeds=IDENTITY, seed=2, num_inference_steps=2, output_type="np")
+    after = reloaded(id_embeds=IDENTITY, seed=2, num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(_images(before), _images(after))

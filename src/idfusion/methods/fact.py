@@ -1,0 +1,703 @@
+"""FaceChain-FACT (Yu et al., arXiv 2410.12312): identity through a serial, gated self-attention face adapter.
+
+Pieces, named as in the official checkpoints (spec ``facechain-fact.md`` §2, §4):
+
+- :class:`TransFaceViT`: the frozen TransFace ViT-S face encoder (``ms1mv2_model_TransFace_S.pt``). FACT uses its
+  "local" output, the 144x512 patch tokens after the final LayerNorm.
+- :class:`FaceResampler`: the Perceiver resampler (``local_fac_prj.*`` in the adapter checkpoint), 144x512 tokens
+  to 16 face tokens of the UNet's context width. ``k`` photos give one sequence of ``16 * k`` tokens.
+- :class:`FaceAdapterAttnProcessor`: at each of the 16 cross-attention (``attn2``) sites of an SD1.5 UNet, a gated
+  self-attention over ``[visual | face]`` tokens and a gated GEGLU feed-forward run *before* the host's own text
+  cross-attention; the block's ``norm2`` moves inside the processor as ``ln``. The context is
+  ``[text | 16k face tokens]``.
+- :class:`TextOnlyControlNetProcessor`: ControlNets get the same context and drop the trailing face tokens.
+
+:func:`load_fact_adapter` loads an official adapter ``.ckpt`` (both base models share the format) and
+:func:`load_transface` the TransFace weights, strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ADAPTER_FILES",
+    "TRANSFACE_FILE",
+    "TransFaceViT",
+    "FaceResampler",
+    "FaceAdapterAttnProcessor",
+    "TextOnlyControlNetProcessor",
+    "adapter_sites",
+    "attach_face_adapter",
+    "detach_face_adapter",
+    "attach_text_only_processors",
+    "set_face_adapter_scale",
+    "set_num_face_tokens",
+    "load_fact_adapter",
+    "load_transface",
+    "load_state_dict_file",
+    "preprocess_transface",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The adapter checkpoints of ModelScope ``yucheng1996/FaceChain-FACT`` (rev ``v1.0.0``), per base model.
+ADAPTER_FILES = {
+    "majicmix": "adapter_maj_mask_large_new_reg001_faceshuffle_00290001.ckpt",
+    "film": "adapter_film_mask_large_new_reg001_faceshuffle_00290001.ckpt",
+}
+#: The TransFace ViT-S weights in the same repo.
+TRANSFACE_FILE = "ms1mv2_model_TransFace_S.pt"
+
+RESAMPLER_PREFIX = "local_fac_prj."
+_PROCESSOR_INFIX = ".attn2.processor."
+TOKENS_PER_FACE = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TransFace ViT-S
+
+
+class _TransFaceMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _TransFaceAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        # (B, L, 3C) -> (3, B, heads, L, C/heads)
+        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()  # softmax attention in fp32, as released
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, length, dim).to(x.dtype)  # (B, L, C)
+        return self.proj(out)
+
+
+class _TransFaceBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _TransFaceAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _TransFaceMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"TransFace expects {self.img_size}x{self.img_size} crops, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+
+
+class TransFaceViT(nn.Module):
+    """TransFace ViT (Dan et al., ICCV 2023) in the key naming of its ``backbones/vit.py``.
+
+    Defaults are ViT-S as FACT uses it: 112x112 input, 9x9 patches (144 tokens, no CLS token), width 512, 12 blocks
+    of 8-head attention (qkv without bias) and a ReLU6 MLP (ratio 4), LayerNorms, a learned position embedding, then
+    the SE patch re-weighting ``senet`` and the embedding head ``feature``. ``mask_token`` is a training-only
+    parameter, kept so the released weights load strictly. Patch masking and drop-path are training-only and absent.
+
+    Args:
+        img_size (`int`, defaults to 112): input side.
+        patch_size (`int`, defaults to 9): patch side.
+        embed_dim (`int`, defaults to 512): token width.
+        depth (`int`, defaults to 12): number of blocks.
+        num_heads (`int`, defaults to 8): attention heads.
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width / token width.
+        num_features (`int`, defaults to 512): width of the global embedding (``num_classes`` upstream).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 112,
+        patch_size: int = 9,
+        embed_dim: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        num_features: int = 512,
+    ):
+        super().__init__()
+        self.patch_embed = _PatchEmbed(img_size, patch_size, embed_dim)
+        self.num_patches = num_patches = self.patch_embed.num_patches
+        self.embed_dim = embed_dim
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.blocks = nn.ModuleList([_TransFaceBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.feature = nn.Sequential(
+            nn.Linear(embed_dim * num_patches, embed_dim, bias=False),
+            nn.BatchNorm1d(embed_dim, eps=2e-5),
+            nn.Linear(embed_dim, num_features, bias=False),
+            nn.BatchNorm1d(num_features, eps=2e-5),
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.senet = nn.Sequential(
+            nn.Linear(embed_dim * num_patches, num_patches, bias=False),
+            nn.ReLU(),
+            nn.Linear(num_patches, num_patches, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(
+        self, pixel_values: torch.Tensor, return_global: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Encode aligned face crops.
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(B, 3, 112, 112)`): RGB in [-1, 1] (see
+                :func:`preprocess_transface`).
+            return_global (`bool`, defaults to `False`): also return the global embedding.
+
+        Returns:
+            `torch.Tensor` of shape `(B, 144, 512)`: the tokens after the final LayerNorm (FACT's "local" output),
+            or a tuple ``(tokens, embedding)`` with ``embedding`` of shape `(B, 512)` when ``return_global``.
+        """
+        x = self.patch_embed(pixel_values) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        tokens = self.norm(x.float())
+        if not return_global:
+            return tokens
+        batch = tokens.shape[0]
+        flat = tokens.reshape(batch, self.num_patches * self.embed_dim)  # (B, 144*512)
+        weights = self.senet(flat).reshape(batch, self.num_patches, 1)  # (B, 144, 1): SE patch weights
+        embedding = self.feature((weights * tokens).reshape(batch, -1))  # (B, 144*512) -> (B, 512)
+        return tokens, embedding
+
+    @classmethod
+    def config_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], num_heads: int = 8) -> dict:
+        """The constructor arguments for a state dict in the official naming (heads are not in the shapes)."""
+        try:
+            patch = state_dict["patch_embed.proj.weight"]  # (C, 3, p, p)
+            num_patches, embed_dim = state_dict["pos_embed"].shape[1:]
+            hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+            num_features = state_dict["feature.2.weight"].shape[0]
+        except KeyError as err:
+            raise ValueError(f"not a TransFace state dict: missing key {err.args[0]!r}") from None
+        depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+        side = math.isqrt(num_patches)
+        return {
+            "img_size": side * patch.shape[-1],
+            "patch_size": patch.shape[-1],
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": hidden / embed_dim,
+            "num_features": num_features,
+        }
+
+
+def preprocess_transface(images) -> torch.Tensor:
+    """RGB 112x112 ArcFace-aligned crops → TransFace input, ``(x / 255 - 0.5) / 0.5``.
+
+    Args:
+        images: a uint8 array/tensor of shape `(112, 112, 3)` or `(B, 112, 112, 3)` (RGB, HWC).
+
+    Returns:
+        `torch.Tensor` of shape `(B, 3, 112, 112)`, float32 in [-1, 1].
+    """
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected RGB crops of shape (B, H, W, 3), got {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float()  # (B, H, W, 3) -> (B, 3, H, W)
+    return (x / 255.0 - 0.5) / 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resampler
+
+
+class _PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x, latents = self.norm1(x), self.norm2(latents)
+        batch, length, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        # (B, L, heads*d) -> (B, heads, L, d); q·k scaled by d^-1/2 (upstream: d^-1/4 on each), softmax in fp32
+        q, k, v = (t.reshape(batch, -1, self.heads, self.dim_head).transpose(1, 2).float() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).to(latents.dtype)
+        return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))  # (B, L, heads*d) -> (B, L, dim)
+
+
+class FaceResampler(nn.Module):
+    """The Perceiver resampler FACT names ``local_fac_prj`` (IP-Adapter-Plus style).
+
+    ``[B, 144, 512]`` TransFace tokens → ``proj_in`` → ``depth`` x (PerceiverAttention + FeedForward, residual) over
+    16 learned latents → ``proj_out`` → ``norm_out`` → ``[B, 16, 768]``.
+
+    Args:
+        dim (`int`, defaults to 1024): latent width.
+        depth (`int`, defaults to 4): layers.
+        dim_head (`int`, defaults to 64): attention head width.
+        heads (`int`, defaults to 12): attention heads (inner width ``heads * dim_head``).
+        num_queries (`int`, defaults to 16): face tokens per photo.
+        embedding_dim (`int`, defaults to 512): input token width (TransFace's).
+        output_dim (`int`, defaults to 768): output width (the UNet's cross-attention width).
+        ff_mult (`int`, defaults to 4): feed-forward expansion.
+        num_input_tokens (`int`, defaults to 144): input tokens per photo; sets the shape of :meth:`unconditional`.
+    """
+
+    def __init__(
+        self,
+        dim: int = 1024,
+        depth: int = 4,
+        dim_head: int = 64,
+        heads: int = 12,
+        num_queries: int = 16,
+        embedding_dim: int = 512,
+        output_dim: int = 768,
+        ff_mult: int = 4,
+        num_input_tokens: int = 144,
+    ):
+        super().__init__()
+        self.embedding_dim, self.num_input_tokens, self.num_queries = embedding_dim, num_input_tokens, num_queries
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    _PerceiverAttention(dim, dim_head, heads),
+                    nn.Sequential(
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, dim * ff_mult, bias=False),
+                        nn.GELU(),
+                        nn.Linear(dim * ff_mult, dim, bias=False),
+                    ),
+                ]
+            )
+            for _ in range(depth)
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, 144, embedding_dim)`` face tokens → ``(B, num_queries, output_dim)``."""
+        latents = self.latents.expand(tokens.shape[0], -1, -1)
+        x = self.proj_in(tokens)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+    def identity_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``k`` photos' TransFace tokens ``(k, 144, C)`` → one context sequence ``(1, 16k, output_dim)``."""
+        out = self(tokens)
+        return out.reshape(1, -1, out.shape[-1])  # (k, 16, D) -> (1, 16k, D)
+
+    def unconditional(self, num_photos: int = 1) -> torch.Tensor:
+        """The null face, ``resampler(zeros)``, for ``num_photos`` photos: ``(1, 16 * num_photos, output_dim)``."""
+        zeros = self.latents.new_zeros(num_photos, self.num_input_tokens, self.embedding_dim)
+        return self.identity_tokens(zeros)
+
+    @classmethod
+    def config_from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], heads: int = 12) -> dict:
+        """Constructor arguments for a resampler state dict (without prefix); ``heads`` is not in the shapes."""
+        try:
+            _, num_queries, dim = state_dict["latents"].shape
+            embedding_dim = state_dict["proj_in.weight"].shape[1]
+            output_dim = state_dict["proj_out.weight"].shape[0]
+            inner = state_dict["layers.0.0.to_q.weight"].shape[0]
+            ff_hidden = state_dict["layers.0.1.1.weight"].shape[0]
+        except KeyError as err:
+            raise ValueError(f"not a FACT resampler state dict: missing key {err.args[0]!r}") from None
+        depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"layers\.(\d+)\.", k)))
+        if inner % heads:
+            raise ValueError(f"resampler inner width {inner} is not a multiple of {heads} heads")
+        return {
+            "dim": dim,
+            "depth": depth,
+            "dim_head": inner // heads,
+            "heads": heads,
+            "num_queries": num_queries,
+            "embedding_dim": embedding_dim,
+            "output_dim": output_dim,
+            "ff_mult": ff_hidden // dim,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Face adapter processors
+
+
+class _AdapterSelfAttention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, length, dim = x.shape
+        # (B, L, C) -> (B, heads, L, C/heads)
+        q, k, v = (
+            p(x).view(batch, length, heads, dim // heads).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[1](self.to_out[0](out.transpose(1, 2).reshape(batch, length, dim)))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class _AdapterFeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([_GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+def _host_cross_attention(attn, hidden_states, context, attention_mask=None) -> torch.Tensor:
+    """The host ``Attention``'s own attention, op for op as diffusers' ``AttnProcessor2_0`` (so outputs are bitwise
+    equal to the unpatched block)."""
+    batch, length, _ = context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    # (B, L, heads*d) -> (B, heads, L, d)
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (B, L, heads*d)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+def _check_host(attn) -> None:
+    if attn.rescale_output_factor != 1.0 or attn.residual_connection:
+        raise ValueError("FACT adapters need attention with rescale_output_factor 1 and no residual connection")
+
+
+class FaceAdapterAttnProcessor(nn.Module):
+    """The FACT adapter at one cross-attention (``attn2``) site: gated self-attention, gated FF, then text attention.
+
+    With ``x`` the block's residual stream (its ``norm2`` moved here as ``ln``), ``s`` = :attr:`scale`, and the
+    context split into ``text`` and the trailing :attr:`num_face_tokens` face tokens ``face``::
+
+        f = linear(face)
+        x = x + s * tanh(alpha_attn)  * attn(norm1([x | f]))[:, :N]     (heads of the host attention)
+        x = x + s * tanh(alpha_dense) * ff(norm2(x))                      (GEGLU, 4x)
+        y = host_cross_attention(ln(x), text)
+        return y + x - x_in                                                (the block adds x_in back)
+
+    With ``s = 0`` the processor returns the host's ``cross_attention(ln(x_in), text)`` exactly.
+
+    Args:
+        hidden_size (`int`): the site's width ``C``.
+        cross_attention_dim (`int`, defaults to 768): the face tokens' width.
+        ln (`nn.Module`, *optional*): the block's ``norm2``; a fresh ``LayerNorm(C)`` when not given.
+        num_face_tokens (`int`, defaults to 16): face tokens at the end of the context (16 per photo).
+        scale (`float`, defaults to 1.0): the adapter scale ``s``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int = 768,
+        ln: nn.Module | None = None,
+        num_face_tokens: int = TOKENS_PER_FACE,
+        scale: float = 1.0,
+    ):
+        super().__init__()
+        self.linear = nn.Linear(cross_attention_dim, hidden_size)
+        self.attn = _AdapterSelfAttention(hidden_size)
+        self.ff = _AdapterFeedForward(hidden_size)
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+        self.ln = ln if ln is not None else nn.LayerNorm(hidden_size)
+        self.num_face_tokens = num_face_tokens
+        self.scale = scale
+        self.host_processor = None  # the processor this one replaced (restored by detach_face_adapter)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError("the FACT adapter sits on cross-attention and needs encoder_hidden_states")
+        n_face = self.num_face_tokens
+        if n_face <= 0 or n_face >= encoder_hidden_states.shape[1]:
+            raise ValueError(
+                f"context of {encoder_hidden_states.shape[1]} tokens cannot end in {n_face} face tokens; "
+                "set num_face_tokens to 16 x the number of photos"
+            )
+        text, face = encoder_hidden_states[:, :-n_face], encoder_hidden_states[:, -n_face:]
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., : text.shape[1]]
+        x_in = hidden_states
+        if self.scale == 0:  # the base block, bit for bit
+            return _host_cross_attention(attn, self.ln(x_in), text, attention_mask)
+        length = x_in.shape[1]
+        f = self.linear(face.to(x_in.dtype))  # (B, 16k, C_ctx) -> (B, 16k, C)
+        joint = self.norm1(torch.cat([x_in, f], dim=1))  # (B, N + 16k, C)
+        x = x_in + self.scale * torch.tanh(self.alpha_attn) * self.attn(joint, attn.heads)[:, :length]
+        x = x + self.scale * torch.tanh(self.alpha_dense) * self.ff(self.norm2(x))
+        y = _host_cross_attention(attn, self.ln(x), text, attention_mask)
+        return y + x - x_in
+
+
+class TextOnlyControlNetProcessor:
+    """A ControlNet processor that drops the trailing face tokens of the context, then attends as usual."""
+
+    def __init__(self, num_face_tokens: int = TOKENS_PER_FACE):
+        self.num_face_tokens = num_face_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        _check_host(attn)
+        if encoder_hidden_states is None:
+            context = hidden_states
+        else:
+            context = encoder_hidden_states[:, : encoder_hidden_states.shape[1] - self.num_face_tokens]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., : context.shape[1]]
+        return _host_cross_attention(attn, hidden_states, context, attention_mask)
+
+
+def adapter_sites(unet: nn.Module) -> dict[str, nn.Module]:
+    """The UNet's transformer blocks with cross-attention, by path (16 in SD1.5), in module order."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None
+    }
+
+
+def attach_face_adapter(
+    unet: nn.Module, *, cross_attention_dim: int = 768, scale: float = 1.0
+) -> dict[str, FaceAdapterAttnProcessor]:
+    """Put a :class:`FaceAdapterAttnProcessor` on every ``attn2`` of ``unet`` and move each block's ``norm2`` into it.
+
+    New processors are created on the device and in the dtype of their host attention, with zero gates.
+
+    Args:
+        unet (`UNet2DConditionModel`): an SD1.5-topology UNet.
+        cross_attention_dim (`int`, defaults to 768): face-token width.
+        scale (`float`, defaults to 1.0): the adapter scale.
+
+    Returns:
+        `dict[str, FaceAdapterAttnProcessor]`: processor by site path ``….transformer_blocks.0``; their state-dict
+        keys in ``unet`` are ``<site>.attn2.processor.<param>``.
+    """
+    processors = {}
+    for path, block in adapter_sites(unet).items():
+        attn = block.attn2
+        if isinstance(attn.processor, FaceAdapterAttnProcessor):
+            raise ValueError(f"{path}: a FACT adapter is already attached")
+        _check_host(attn)
+        if not isinstance(block.norm2, nn.LayerNorm):
+            raise ValueError(f"{path}: expected a LayerNorm norm2, got {type(block.norm2).__name__}")
+        weight = attn.to_q.weight
+        hidden = attn.to_q.in_features
+        with torch.device(weight.device):
+            processor = FaceAdapterAttnProcessor(hidden, cross_attention_dim, ln=block.norm2, scale=scale)
+        processor.to(dtype=weight.dtype)
+        processor.host_processor = attn.processor
+        block.norm2 = nn.Identity()
+        attn.set_processor(processor)
+        processors[path] = processor
+    logger.debug("attached FACT adapters at %d sites", len(processors))
+    return processors
+
+
+def detach_face_adapter(unet: nn.Module) -> None:
+    """Undo :func:`attach_face_adapter`: each block's ``norm2`` and previous ``attn2`` processor come back."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for block in adapter_sites(unet).values():
+        processor = block.attn2.processor
+        if isinstance(processor, FaceAdapterAttnProcessor):
+            block.norm2 = processor.ln
+            block.attn2.set_processor(processor.host_processor or AttnProcessor2_0())
+
+
+def _processors(model: nn.Module, kind: type) -> list:
+    return [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), kind)]
+
+
+def set_face_adapter_scale(unet: nn.Module, scale: float) -> None:
+    """Set the adapter scale ``s`` at every site (0 = base model; FACT defaults 0.5, inpainting 0.55)."""
+    for processor in _processors(unet, FaceAdapterAttnProcessor):
+        processor.scale = float(scale)
+
+
+def set_num_face_tokens(*models: nn.Module, num_photos: int = 1) -> None:
+    """Tell the adapters of a UNet and the text-only processors of ControlNets how many photos' tokens trail."""
+    for model in models:
+        for processor in _processors(model, (FaceAdapterAttnProcessor, TextOnlyControlNetProcessor)):
+            processor.num_face_tokens = TOKENS_PER_FACE * num_photos
+
+
+def attach_text_only_processors(controlnet: nn.Module, num_face_tokens: int = TOKENS_PER_FACE) -> None:
+    """Give every attention of ``controlnet`` a :class:`TextOnlyControlNetProcessor` (one shared instance)."""
+    processor = TextOnlyControlNetProcessor(num_face_tokens)
+    for module in controlnet.modules():
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            module.set_processor(processor)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A flat tensor dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only``)."""
+    from idfusion.errors import ModelFilesError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a flat dict of tensors")
+    return dict(state)
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, optional: set[str] = frozenset()):
+    expected = module.state_dict()
+    unexpected = set(state) - set(expected)
+    missing = set(expected) - set(state) - set(optional)
+    if unexpected or missing:
+        parts = [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
+        parts += [f"missing keys: {_names(missing)}"] if missing else []
+        raise ValueError(f"{what}: " + "; ".join(parts))
+    wrong = [
+        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{what}: shape mismatch: {_names(wrong)}")
+    module.load_state_dict(state, strict=False, assign=next(iter(expected.values())).is_meta)
+
+
+def load_fact_adapter(
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor], unet: nn.Module, *, heads: int = 12
+) -> tuple[FaceResampler, dict[str, FaceAdapterAttnProcessor]]:
+    """Load an official FACT adapter checkpoint: the resampler and the 16 adapter processors, strictly.
+
+    The checkpoint (``adapter_{maj,film}_mask_large_new_reg001_faceshuffle_00290001.ckpt``, a ``torch.save`` dict)
+    holds ``local_fac_prj.*`` (the resampler) and ``<site>.attn2.processor.*`` (the adapters). Every key must be
+    used and every parameter filled; ``….processor.ln.*`` (the relocated block ``norm2``) is optional and keeps the
+    base UNet's values when absent. Adapters are attached to ``unet`` (see :func:`attach_face_adapter`) and
+    restored by :func:`detach_face_adapter`.
+
+    Args:
+        path_or_state_dict: the ``.ckpt`` (or a ``.safetensors``) file, or its loaded dict.
+        unet (`UNet2DConditionModel`): the base UNet (adapters attach in place).
+        heads (`int`, defaults to 12): resampler heads (not recoverable from the shapes).
+
+    Returns:
+        `tuple[FaceResampler, dict[str, FaceAdapterAttnProcessor]]`: the resampler (eval mode, on CPU in the file's
+        dtype) and the processors by site.
+
+    Raises:
+        ValueError: unexpected, missing or mis-shaped keys (named in the message).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        state = dict(path_or_state_dict)
+    else:
+        state = load_state_dict_file(path_or_state_dict)
+    resampler_state = {k[len(RESAMPLER_PREFIX) :]: v for k, v in state.items() if k.startswith(RESAMPLER_PREFIX)}
+    adapter_state = {k: v for k, v in state.items() if not k.startswith(RESAMPLER_PREFIX)}
+    if not resampler_state:
+        raise ValueError(f"not a FACT adapter checkpoint: no {RESAMPLER_PREFIX}* keys")
+    resampler = FaceResampler(**FaceResampler.config_from_state_dict(resampler_state, heads=heads))
+    _load_strict(resampler, resampler_state, "FACT resampler (local_fac_prj.*)")
+    resampler.to(dtype=resampler_state["latents"].dtype).eval()
+
+    stray = [k for k in adapter_state if _PROCESSOR_INFIX not in k]
+    if stray:
+        raise ValueError(f"FACT adapter checkpoint: unexpected keys: {_names(stray)}")
+    width = resampler_state["proj_out.weight"].shape[0]
+    processors = attach_face_adapter(unet, cross_attention_dim=width)
+    try:
+        wrapper = nn.ModuleDict({path.replace(".", "/"): p for path, p in processors.items()})
+        by_wrapper = {}
+        for key, value in adapter_state.items():
+            site, param = key.split(_PROCESSOR_INFIX, 1)
+            by_wrapper[f"{site.replace('.', '/')}.{param}"] = value
+        optional = {f"{site.replace('.', '/')}.ln.{n}" for site in processors for n in ("weight", "bias")}
+        _load_strict(wrapper, by_wrapper, "FACT adapter processors (*.attn2.processor.*)", optional)
+    except Exception:
+        detach_face_adapter(unet)
+        raise
+    logger.info("loaded FACT adapter: resampler + %d sites", len(processors))
+    return resampler, processors
+
+
+def load_transface(path: str | os.PathLike[str], *, num_heads: int = 8) -> TransFaceViT:
+    """Load TransFace weights (``ms1mv2_model_TransFace_S.pt``) strictly into a :class:`TransFaceViT` (eval mode).
+
+    Raises:
+        ValueError: unexpected, missing or mis-shaped keys (named in the message).
+    """
+    state = load_state_dict_file(path)
+    model = TransFaceViT(**TransFaceViT.config_from_state_dict(state, num_heads=num_heads))
+    _load_strict(model, state, f"TransFace ({Path(path).name})")
+    return model.eval()
