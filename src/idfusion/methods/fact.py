@@ -207,10 +207,12 @@ class TransFaceViT(nn.Module):
         except KeyError as err:
             raise ValueError(f"not a TransFace state dict: missing key {err.args[0]!r}") from None
         depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-        side = math.isqrt(num_patches)
+        side, patch_size = math.isqrt(num_patches), patch.shape[-1]
+        # the conv drops what does not fill a patch: 112 // 9 = 12, so 112x112 crops give 144 tokens
+        img_size = 112 if 112 // patch_size == side else side * patch_size
         return {
-            "img_size": side * patch.shape[-1],
-            "patch_size": patch.shape[-1],
+            "img_size": img_size,
+            "patch_size": patch_size,
             "embed_dim": embed_dim,
             "depth": depth,
             "num_heads": num_heads,
@@ -466,7 +468,8 @@ class FaceAdapterAttnProcessor(nn.Module):
         self.ln = ln if ln is not None else nn.LayerNorm(hidden_size)
         self.num_face_tokens = num_face_tokens
         self.scale = scale
-        self.host_processor = None  # the processor this one replaced (restored by detach_face_adapter)
+        # the processor this one replaced (restored by detach_face_adapter); kept out of the module tree
+        object.__setattr__(self, "host_processor", None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None:
@@ -547,7 +550,7 @@ def attach_face_adapter(
         with torch.device(weight.device):
             processor = FaceAdapterAttnProcessor(hidden, cross_attention_dim, ln=block.norm2, scale=scale)
         processor.to(dtype=weight.dtype)
-        processor.host_processor = attn.processor
+        object.__setattr__(processor, "host_processor", attn.processor)
         block.norm2 = nn.Identity()
         attn.set_processor(processor)
         processors[path] = processor
@@ -618,8 +621,13 @@ def _names(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, optional: set[str] = frozenset()):
-    expected = module.state_dict()
+def _check_state(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    what: str,
+    optional: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """Raise a ValueError naming every unexpected, missing (not ``optional``) or mis-shaped key."""
     unexpected = set(state) - set(expected)
     missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
@@ -633,7 +641,12 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
     ]
     if wrong:
         raise ValueError(f"{what}: shape mismatch: {_names(wrong)}")
-    module.load_state_dict(state, strict=False, assign=next(iter(expected.values())).is_meta)
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    _check_state(expected, state, what)
+    module.load_state_dict(state, strict=True, assign=any(v.is_meta for v in expected.values()))
 
 
 def load_fact_adapter(
@@ -677,13 +690,18 @@ def load_fact_adapter(
     width = resampler_state["proj_out.weight"].shape[0]
     processors = attach_face_adapter(unet, cross_attention_dim=width)
     try:
-        wrapper = nn.ModuleDict({path.replace(".", "/"): p for path, p in processors.items()})
-        by_wrapper = {}
-        for key, value in adapter_state.items():
-            site, param = key.split(_PROCESSOR_INFIX, 1)
-            by_wrapper[f"{site.replace('.', '/')}.{param}"] = value
-        optional = {f"{site.replace('.', '/')}.ln.{n}" for site in processors for n in ("weight", "bias")}
-        _load_strict(wrapper, by_wrapper, "FACT adapter processors (*.attn2.processor.*)", optional)
+        expected = {
+            f"{site}{_PROCESSOR_INFIX}{key}": value
+            for site, processor in processors.items()
+            for key, value in processor.state_dict().items()
+        }
+        optional = {f"{site}{_PROCESSOR_INFIX}ln.{n}" for site in processors for n in ("weight", "bias")}
+        _check_state(expected, adapter_state, "FACT adapter processors (*.attn2.processor.*)", optional)
+        for site, processor in processors.items():
+            prefix = f"{site}{_PROCESSOR_INFIX}"
+            own = {k[len(prefix) :]: v for k, v in adapter_state.items() if k.startswith(prefix)}
+            meta = processor.linear.weight.is_meta
+            processor.load_state_dict(own, strict=False, assign=meta)  # keys checked above
     except Exception:
         detach_face_adapter(unet)
         raise

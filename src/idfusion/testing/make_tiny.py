@@ -86,6 +86,17 @@ Methods and the layouts they write (paths relative to the output folder):
         antelopev2/scrfd_10g_bnkps.onnx
         antelopev2/arcface.onnx
 
+``fact``
+    The FaceChain-FACT release (ModelScope ``yucheng1996/FaceChain-FACT``) plus a tiny SD1.5 base and face models
+    (see ``idfusion.testing.tiny_fact``)::
+
+        ms1mv2_model_TransFace_S.pt
+        adapter_maj_mask_large_new_reg001_faceshuffle_00290001.ckpt
+        adapter_film_mask_large_new_reg001_faceshuffle_00290001.ckpt
+        stable-diffusion-v1-5/...                 (the ``sd15`` layout; UNet with 2 layers per level, 16 sites)
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
+
 Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
 folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
 the writer, so that this module stays cheap to import.
@@ -231,6 +242,13 @@ def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
     return write(out_dir, seed)
 
 
+def write_fact(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny FaceChain-FACT release with a tiny SD1.5 base (see ``idfusion.testing.tiny_fact``)."""
+    from idfusion.testing.tiny_fact import write_fact as write
+
+    return write(out_dir, seed)
+
+
 MAKE_TINY: dict[str, Writer] = {
     "sd15": write_sd15,
     "antelopev2": write_antelopev2,
@@ -238,6 +256,7 @@ MAKE_TINY: dict[str, Writer] = {
     "adaface": write_adaface,
     "flashface": write_flashface,
     "open-flashface": write_open_flashface,
+    "fact": write_fact,
 }
 
 
