@@ -222,12 +222,13 @@ def flashface_official_loop(pipe, reference_latents: torch.Tensor, steps: int, s
     Used with :class:`OfficialReadProcessor` as the reference for the pipeline's output and speed."""
     from .methods import flashface as ff
     from .pipelines import pipeline_flashface as pf
+    from .pipelines.common import make_scheduler
 
     positive, negative = pipe.encode_prompts(
         [f"a photo of a person, {pf.OFFICIAL_POSITIVE_POSTFIX}", f", {pf.OFFICIAL_NEGATIVE_POSTFIX}"]
     ).chunk(2)
     size = pipe._native_size() or pipe.unet.config.sample_size * 8
-    scheduler = pf.flashface_scheduler(pipe._base_scheduler_config)
+    scheduler = make_scheduler("ddim", pipe._base_scheduler_config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, 4, size // 8, size // 8), generator=generator).to(positive)

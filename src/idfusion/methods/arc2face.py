@@ -24,9 +24,8 @@ from ..layers import encode_arcface_id_prompt, encode_text
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_BASE_MODEL",
-    "DEFAULT_LCM_LORA",
     "REQUIRED_FILES",
-    "OPTIONAL_PATTERNS",
+    "DOWNLOAD_PATTERNS",
     "BASE_REQUIRED_FILES",
     "DEFAULTS",
     "LCM_DEFAULTS",
@@ -36,7 +35,6 @@ __all__ = [
 
 DEFAULT_MODEL = "FoivosPar/Arc2Face"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
 
 REQUIRED_FILES = (
     "arc2face/config.json",
@@ -44,7 +42,8 @@ REQUIRED_FILES = (
     "encoder/config.json",
     "encoder/pytorch_model.bin|encoder/model.safetensors",
 )
-OPTIONAL_PATTERNS = ("controlnet/*", "arcface.onnx", "antelopev2/*")
+# what to fetch from the Hub: the required folders and the optional add-ons
+DOWNLOAD_PATTERNS = ("arc2face/*", "encoder/*", "controlnet/*", "arcface.onnx", "antelopev2/*")
 # What Arc2Face takes from the SD1.5 base.
 BASE_REQUIRED_FILES = (
     "vae/config.json",

@@ -127,11 +127,6 @@ class IdentitySD15Mixin:
 
     #: embedding the method needs from a face recognizer (None: any)
     id_embedding_dim: int | None = 512
-    #: default values of __call__ arguments, per method
-    default_steps: int = 25
-    default_guidance_scale: float = 3.0
-    default_scheduler: str = "dpm++"
-
     face_analyzer: FaceAnalyzer | None = None
     face_model_dir: Path | None = None
     model_info: dict[str, Any]
@@ -212,10 +207,6 @@ class IdentitySD15Mixin:
         return identity / identity.norm(dim=1, keepdim=True), references
 
     # ---- sampling --------------------------------------------------------------------------------------------
-
-    def set_scheduler(self, name: str) -> None:
-        self.scheduler = make_scheduler(name, self.scheduler.config)
-        self.register_modules(scheduler=self.scheduler)
 
     def load_loras(self, loras: Sequence[tuple[str | os.PathLike, float]]) -> list[str]:
         """Load LoRA files (diffusers or kohya format) once each; returns their adapter names."""

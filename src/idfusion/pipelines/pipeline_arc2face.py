@@ -15,7 +15,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from ..hub import resolve_model_folder
 from ..images import ImageInput
 from ..methods import arc2face
-from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_scheduler
+from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin
 
 __all__ = ["Arc2FacePipeline"]
 
@@ -79,7 +79,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             torch_dtype: dtype of every component (float32 when omitted, as diffusers).
             local_files_only: never contact the Hub (also implied by ``HF_HUB_OFFLINE=1``).
         """
-        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+        from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         local = Path(pretrained_model_name_or_path).expanduser()
@@ -93,10 +93,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             pretrained_model_name_or_path,
             required=arc2face.REQUIRED_FILES,
             what="Arc2Face",
-            allow_patterns=[
-                *(p.split("|")[0].rsplit("/", 1)[0] + "/*" for p in arc2face.REQUIRED_FILES),
-                *arc2face.OPTIONAL_PATTERNS,
-            ],
+            allow_patterns=list(arc2face.DOWNLOAD_PATTERNS),
             local_files_only=local_files_only,
         )
         if base_model is None:
@@ -113,7 +110,7 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
         text_encoder = CLIPTextModel.from_pretrained(folder / "encoder", **dtype)
         vae = AutoencoderKL.from_pretrained(base_folder / "vae", **dtype)
         tokenizer = CLIPTokenizer.from_pretrained(base_folder / "tokenizer")
-        base_scheduler = make_scheduler("pndm", _read_json(base_folder / "scheduler" / "scheduler_config.json"))
+        base_scheduler = PNDMScheduler.from_pretrained(base_folder / "scheduler")
         controlnet_folder = _local_subfolder(folder, "controlnet")
         controlnet = ControlNetModel.from_pretrained(controlnet_folder, **dtype) if controlnet_folder else None
 
@@ -197,9 +194,3 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
             controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
             callback_on_step_end=callback_on_step_end, negative_prompt=negative_prompt,
         )  # fmt: skip
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())

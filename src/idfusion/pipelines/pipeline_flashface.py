@@ -463,9 +463,3 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         )
         metadata = [{**shared, "seed": s} for s in settings.seeds]
         return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)
-
-
-def flashface_scheduler(config: dict):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(config)
