@@ -283,8 +283,44 @@ def _flashface_case(official: bool):
     return build
 
 
+def _fact(components: dict, scheduler: str):
+    """FACT at full size: TransFace ViT-S, the 16-query resampler and adapters at the 16 sites (random, non-zero
+    gates), on a copy of the benchmark's UNet (same weights), at the release's adapter scale 0.5."""
+    import copy
+
+    from .methods import fact
+    from .pipelines.pipeline_fact import FaceTokens, FactPipeline
+
+    unet = copy.deepcopy(components["unet"])
+    device, dtype, width = unet.device, unet.dtype, unet.config.cross_attention_dim
+    torch.manual_seed(2)
+    processors = fact.attach_face_adapter(unet, cross_attention_dim=width)
+    for processor in processors.values():
+        with torch.no_grad():
+            processor.alpha_attn.fill_(0.5)
+            processor.alpha_dense.fill_(-0.5)
+    tiny = components.get("_tiny", False)
+    face_encoder = fact.TransFaceViT(**({"embed_dim": 64, "depth": 2} if tiny else {})).eval()
+    resampler = fact.FaceResampler(embedding_dim=face_encoder.embed_dim, output_dim=width).eval()
+    pipe = FactPipeline(components["vae"], components["text_encoder"], components["tokenizer"], unet,
+                        components["scheduler"])  # fmt: skip
+    pipe.face_encoder, pipe.resampler = face_encoder.to(device, dtype), resampler.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    crop = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3), dtype=np.uint8)
+
+    def call(steps, generator, on_step):
+        tokens = fact.encode_face_tokens(pipe.face_encoder, pipe.resampler, crop)  # the per-request face work
+        identity = FaceTokens(tokens, pipe.resampler.unconditional(1))
+        return pipe(face_tokens=identity, prompt="photo of a person", num_inference_steps=steps, guidance_scale=3.0,
+                    scheduler=scheduler, seed=int(generator.initial_seed()), callback_on_step_end=on_step,
+                    output_type="np").images  # fmt: skip
+
+    return call
+
+
 BENCH_CASES: dict[str, BenchCase] = {
     "arc2face": BenchCase("arc2face", _arc2face, goal=1.02),
+    "fact": BenchCase("fact", _fact, goal=1.25, batch="1 image, CFG (UNet batch 2), 77 + 16 tokens"),
     # FlashFace against the official control flow on the same weights: goal 1.3x faster, i.e. ratio <= 1/1.3
     "flashface": BenchCase(
         "flashface",

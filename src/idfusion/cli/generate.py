@@ -7,8 +7,10 @@ from pathlib import Path
 
 from .argtypes import finite, non_negative_float, positive_int, seed
 
-METHODS = ("arc2face", "adaface", "flashface", "open-flashface")
+METHODS = ("arc2face", "adaface", "flashface", "open-flashface", "fact")
 FLASHFACE = ("flashface", "open-flashface")
+# methods conditioned on the photos themselves (no embedding to replay from metadata)
+PHOTO_METHODS = (*FLASHFACE, "fact")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -71,6 +73,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ref-strength", type=non_negative_float, help="FlashFace: reference strength lambda")
     parser.add_argument("--ref-guidance", type=non_negative_float, help="FlashFace: reference guidance scale (3.2)")
     parser.add_argument("--ref-guidance-start", type=non_negative_float, help="FlashFace: t at which it starts (750)")
+    parser.add_argument("--style", help="FACT: a style name (see `idfusion styles`) or a style .toml file")
+    parser.add_argument("--style-weight", type=non_negative_float, help="FACT: weight of the style's LoRA")
+    parser.add_argument("--adapter-scale", type=non_negative_float, help="FACT: face adapter scale (0.5; 0 = base)")
+    parser.add_argument("--adapter", help="FACT: majicmix (default), film, or an adapter .ckpt file")
+    parser.add_argument(
+        "--pose-image", type=Path, help="FACT: OpenPose skeleton image, or a photo (needs DWPose models)"
+    )
     parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
     parser.add_argument("--controlnet-scale", type=non_negative_float, default=None, help="ControlNet strength (1.0)")
     parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
@@ -100,7 +109,11 @@ _REPLAYED = {
     "ref_strength": ("reference_strength", "reference_strength"),
     "ref_guidance": ("reference_guidance", "reference_guidance"),
     "ref_guidance_start": ("reference_guidance_start", "reference_guidance_start"),
+    "style": ("style", "style"),
+    "style_weight": ("style_weight", "style_weight"),
+    "adapter_scale": ("adapter_scale", "adapter_scale"),
 }
+_FACT_ONLY = ("style", "style_weight", "adapter_scale", "adapter", "pose_image")
 
 
 def _apply_metadata(args: argparse.Namespace, meta: dict) -> None:
@@ -113,8 +126,17 @@ def _apply_metadata(args: argparse.Namespace, meta: dict) -> None:
         args.model = meta.get("model")
     if args.base_model is None:
         args.base_model = meta.get("base_model")
+    skip = set()
+    if meta.get("style"):  # the style's template makes the full prompt again from the subject
+        skip.add("prompt")
+        if args.prompt is None:
+            args.prompt = meta.get("subject")
+    if args.method == "fact" and args.adapter is None:
+        args.adapter = meta.get("adapter")
+    if meta.get("pose") and args.pose_image is None:
+        raise ValueError(f"{args.from_image} was made with a pose image: pass it again with --pose-image")
     for arg, (key, _) in _REPLAYED.items():
-        if getattr(args, arg) is None and key in meta:
+        if getattr(args, arg) is None and key in meta and arg not in skip:
             setattr(args, arg, meta[key])
     if args.seed is None:
         args.seed = meta.get("seed")
@@ -151,10 +173,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.from_image}: its metadata has no identity embedding; pass --face")
             id_embeds = decode_array(meta["id_embeds"])
     if args.method is None:
-        raise ValueError("--method is required (arc2face or adaface), unless --from IMAGE.png is given")
+        raise ValueError(f"--method is required ({', '.join(METHODS)}), unless --from IMAGE.png is given")
     if not args.face and id_embeds is None:
         raise ValueError("give at least one --face photo (or --from an idfusion PNG)")
-    for path in (*(p for p, _ in args.face), args.controlnet_image):
+    for path in (*(p for p, _ in args.face), args.controlnet_image, args.pose_image):
         if path is not None and not Path(path).exists():
             raise ValueError(f"{path}: file not found")
     if args.out.exists() and not args.out.is_dir():
@@ -163,7 +185,15 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args)
     if args.cpu_offload and device == "cpu":
         raise ValueError("--cpu-offload moves models between the CPU and a GPU; give --device cuda (or mps) with it")
+    if args.method != "fact":
+        given = [f"--{a.replace('_', '-')}" for a in _FACT_ONLY if getattr(args, a) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: FaceChain-FACT options (--method fact)")
+    if args.method == "fact" and (args.lcm or args.id_scale is not None or args.controlnet_image is not None):
+        raise ValueError("--lcm, --id-scale and --controlnet-image are not FACT options (use --pose-image)")
     load_kwargs = {"base_model": args.base_model, "face_model_dir": args.face_models}
+    if args.method == "fact" and args.adapter is not None:
+        load_kwargs["adapter"] = args.adapter
     if dtype is not None:
         load_kwargs["torch_dtype"] = dtype
     pipe = load_pipeline(args.method, args.model, **load_kwargs)
@@ -178,9 +208,16 @@ def run(args: argparse.Namespace) -> int:
     if args.detector is not None:
         from ..faces import FaceAnalyzer
 
-        recognizer = None if args.method in FLASHFACE else "onnx"  # FlashFace uses photos, not embeddings
+        recognizer = None if args.method in PHOTO_METHODS else "onnx"  # these use photos, not embeddings
         crops = () if recognizer is None else ("arcface",)
-        pipe.set_face_analyzer(FaceAnalyzer(args.detector, recognizer, model_dir=pipe.face_model_dir, crops=crops))
+        analyzer = FaceAnalyzer(
+            args.detector,
+            recognizer,
+            model_dir=pipe.face_model_dir,
+            crops=crops,
+            dense_landmarks=args.method == "fact",
+        )
+        pipe.set_face_analyzer(analyzer)
 
     flash = args.method in FLASHFACE
     if flash and (args.lora or args.controlnet_image or args.lcm or args.id_scale is not None):
@@ -190,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
     if not flash and any(w != 1.0 for _, w in args.face):
         raise ValueError(f"face weights (IMAGE:WEIGHT) blend identities in FlashFace only, not {args.method}")
     call = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
-    if not flash:
+    if args.method == "fact":
+        call.update(loras=args.lora, pose_image=args.pose_image)
+    elif not flash:
         call.update(loras=args.lora, controlnet_image=args.controlnet_image)
     for arg, (_, key) in _REPLAYED.items():
         value = getattr(args, arg)
@@ -206,8 +245,8 @@ def run(args: argparse.Namespace) -> int:
         call["faces"] = [str(p) for p, _ in args.face]
         if flash and any(w != 1.0 for _, w in args.face):
             call["face_weights"] = [w for _, w in args.face]
-    elif flash:
-        raise ValueError(f"{args.method} needs the reference photos: pass them with --face")
+    elif args.method in PHOTO_METHODS:
+        raise ValueError(f"{args.method} needs the face photos: pass them with --face")
     else:
         call["id_embeds"] = id_embeds
 

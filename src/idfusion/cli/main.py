@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",
+    "styles": "styles",
+    "template": "template",
 }
 
 EXIT_ERROR = 1

@@ -46,6 +46,8 @@ __all__ = [
     "load_transface",
     "load_state_dict_file",
     "preprocess_transface",
+    "face_crop",
+    "encode_face_tokens",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,27 @@ ADAPTER_FILES = {
 }
 #: The TransFace ViT-S weights in the same repo.
 TRANSFACE_FILE = "ms1mv2_model_TransFace_S.pt"
+
+#: The base model each adapter was trained on (spec §3), and the folder name idfusion looks for in a FACT folder.
+BASE_MODELS = {
+    "majicmix": "MAILAND/majicmixRealistic_v6 (ModelScope, subfolder realistic)",
+    "film": "ly261666/cv_portrait_model (ModelScope, rev v2.0, subfolder film/film)",
+}
+
+#: Sampling defaults of the release: text-to-image (spec §5.1) and the template's inpainting stage (§5.2).
+DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.0, "scheduler": "pndm", "adapter_scale": 0.5}
+INPAINT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0, "scheduler": "pndm", "adapter_scale": 0.55}
+#: The official app caps a request at 6 portraits.
+MAX_IMAGES = 6
+
+#: Our wording of the release's prompt conventions (the A1111 "(word:2)" weights of the originals are not
+#: understood by a plain CLIP encoder, so they are left out).
+DEFAULT_PROMPT = "a person, upper body, raw photo, high detail face, photorealistic, best quality"
+TEMPLATE_PROMPT = "raw photo, simple background, upper body, high detail face, photorealistic, best quality"
+NEGATIVE_PROMPT = (
+    "nsfw, paintings, sketches, worst quality, low quality, lowres, normal quality, monochrome, grayscale, logo, "
+    "text, watermark, username, skin spots, acne, blemishes, bad hands, extra fingers, fewer fingers, extra limbs"
+)
 
 RESAMPLER_PREFIX = "local_fac_prj."
 _PROCESSOR_INFIX = ".attn2.processor."
@@ -187,7 +210,7 @@ class TransFaceViT(nn.Module):
         x = self.patch_embed(pixel_values) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        tokens = self.norm(x.float())
+        tokens = self.norm(x)
         if not return_global:
             return tokens
         batch = tokens.shape[0]
@@ -237,6 +260,41 @@ def preprocess_transface(images) -> torch.Tensor:
         raise ValueError(f"expected RGB crops of shape (B, H, W, 3), got {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float()  # (B, H, W, 3) -> (B, 3, H, W)
     return (x / 255.0 - 0.5) / 0.5
+
+
+def face_crop(image, landmarks, head_mask=None):
+    """FACT's face input: the photo with everything outside the head set to 0, warped to the 112x112 ArcFace
+    template by its 5 landmarks (spec §2.1; the release masks with a human-parsing model, idfusion with a mask
+    from landmarks, see :func:`idfusion.faces.masks.head_mask`).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB photo.
+        landmarks: ``(5, 2)`` ArcFace-order points in ``image``.
+        head_mask: ``(H, W)`` float mask in [0, 1], or ``None`` to keep the background.
+
+    Returns:
+        ``(112, 112, 3)`` uint8 RGB crop.
+    """
+    import numpy as np
+
+    from idfusion.faces import align_face
+
+    pixels = np.asarray(image)
+    if head_mask is not None:
+        pixels = (pixels.astype(np.float32) * np.asarray(head_mask, np.float32)[..., None]).round().astype(np.uint8)
+    return align_face(pixels, landmarks, size=112)
+
+
+@torch.no_grad()
+def encode_face_tokens(face_encoder: TransFaceViT, resampler: FaceResampler, crops) -> torch.Tensor:
+    """``k`` aligned crops of one person → the context's face part, ``(1, 16k, D)``.
+
+    Each photo is encoded on its own (TransFace's 144 tokens → 16 resampler tokens) and the ``k`` sets are
+    concatenated: the adapters attend to all ``16k`` tokens at once, the release's way of using several photos.
+    """
+    pixels = preprocess_transface(crops).to(face_encoder.pos_embed.device, face_encoder.pos_embed.dtype)
+    tokens = face_encoder(pixels)  # (k, 144, 512)
+    return resampler.identity_tokens(tokens.to(resampler.latents.dtype))  # (1, 16k, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["PIPELINES", "load_pipeline", "pipeline_class", "Arc2FacePipeline", "AdaFacePipeline", "FlashFacePipeline"]
+__all__ = [
+    "PIPELINES",
+    "load_pipeline",
+    "pipeline_class",
+    "Arc2FacePipeline",
+    "AdaFacePipeline",
+    "FlashFacePipeline",
+    "FactPipeline",
+]
 
 # method name -> "module:Class" (imported on first use: loading one method never imports the others)
 PIPELINES = {
@@ -16,6 +24,7 @@ PIPELINES = {
     "adaface": "idfusion.pipelines.pipeline_adaface:AdaFacePipeline",
     "flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
     "open-flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
+    "fact": "idfusion.pipelines.pipeline_fact:FactPipeline",
 }
 # methods that share a class and tell it which release they are
 _VARIANT_METHODS = {"flashface", "open-flashface"}

@@ -31,6 +31,7 @@ __all__ = [
     "IdentityPipelineOutput",
     "IdentityInputError",
     "FaceInput",
+    "InpaintInput",
     "SamplingSettings",
     "make_scheduler",
     "resolve_seeds",
@@ -107,6 +108,16 @@ def resolve_seeds(seed: int | Sequence[int] | None, num_images: int) -> list[int
 def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     # CPU generators make the initial noise identical on every device, so a seed means the same image everywhere.
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+@dataclass
+class InpaintInput:
+    """What an inpainting call repaints: ``image`` (RGB) where ``mask_image`` (L, white = repaint) says, with
+    ``strength`` of noise (1.0: from pure noise inside the mask)."""
+
+    image: PIL.Image.Image
+    mask_image: PIL.Image.Image
+    strength: float = 0.6
 
 
 @dataclass
@@ -290,25 +301,31 @@ class IdentitySD15Mixin:
         self,
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor,
-        identity: torch.Tensor,
+        identity: torch.Tensor | None,
         references: list[np.ndarray],
         settings: SamplingSettings,
         *,
         lcm: bool = False,
         lcm_lora: str | None = None,
-        loras: Sequence[tuple[str, float]] = (),
+        lora_meta: list[dict] | None = None,
         controlnet_image: ImageInput | None = None,
         controlnet_conditioning_scale: float = 1.0,
+        inpaint: InpaintInput | None = None,
         output_type: str = "pil",
         callback_on_step_end=None,
         **method_metadata: Any,
     ) -> IdentityPipelineOutput:
-        """Sample one image per seed from ``(1, 77, D)`` conditioning and describe each image in its metadata."""
+        """Sample one image per seed from ``(1, L, D)`` conditioning and describe each image in its metadata.
+
+        ``identity`` (a ``(1, D)`` embedding) is recorded so ``--from`` can replay the image; methods conditioned on
+        photos rather than an embedding pass ``None``. LoRAs must already be active (:meth:`activate_adapters`, called
+        before any prompt is encoded, so a LoRA's text-encoder part applies to this call); ``lora_meta`` is what it
+        returned.
+        """
         from ..outputs import encode_array
 
         batch = len(settings.seeds)
         self.scheduler = make_scheduler(settings.scheduler, self._base_scheduler_config)
-        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
         images = self.denoise(
             prompt_embeds.repeat(batch, 1, 1),  # (1, 77, D) -> (B, 77, D)
             negative_prompt_embeds.repeat(batch, 1, 1),
@@ -319,6 +336,7 @@ class IdentitySD15Mixin:
             width=settings.width,
             controlnet_image=controlnet_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
+            inpaint=inpaint,
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
         )
@@ -335,7 +353,8 @@ class IdentitySD15Mixin:
             lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None,
             loras=lora_meta or None,
             controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
-            id_embeds=encode_array(identity[0].float().cpu().numpy()),
+            strength=inpaint.strength if inpaint is not None else None,
+            id_embeds=encode_array(identity[0].float().cpu().numpy()) if identity is not None else None,
         )
         metadata = [{**shared, "seed": seed} for seed in settings.seeds]
         return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)
@@ -352,11 +371,16 @@ class IdentitySD15Mixin:
         width: int,
         controlnet_image: ImageInput | None = None,
         controlnet_conditioning_scale: float = 1.0,
+        inpaint: InpaintInput | None = None,
         output_type: str = "pil",
         callback_on_step_end=None,
     ) -> list:
-        """Run SD1.5 sampling on ``(B, 77, D)`` prompt embeddings, one generator per image."""
-        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+        """Run SD1.5 sampling on ``(B, L, D)`` prompt embeddings, one generator per image.
+
+        Text-to-image, or with ``inpaint`` diffusers' inpainting pipelines (a 4-channel UNet repaints the masked
+        region from the noised image, as diffusers does for non-inpainting checkpoints).
+        """
+        import diffusers
 
         shared = dict(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
@@ -373,8 +397,11 @@ class IdentitySD15Mixin:
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
         )
+        if inpaint is not None:
+            kwargs.update(image=inpaint.image, mask_image=inpaint.mask_image, strength=inpaint.strength)
         if controlnet_image is None:
-            runner = StableDiffusionPipeline(**shared)
+            name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+            runner = getattr(diffusers, name)(**shared)
         else:
             if getattr(self, "controlnet", None) is None:
                 raise ModelFilesError(
@@ -384,8 +411,13 @@ class IdentitySD15Mixin:
             from ..images import load_image
 
             condition = load_image(controlnet_image).to_pil().resize((width, height), PIL.Image.BICUBIC)
-            runner = StableDiffusionControlNetPipeline(**shared, controlnet=self.controlnet)
-            kwargs.update(image=condition, controlnet_conditioning_scale=controlnet_conditioning_scale)
+            if inpaint is not None:
+                runner = diffusers.StableDiffusionControlNetInpaintPipeline(**shared, controlnet=self.controlnet)
+                kwargs.update(control_image=condition)
+            else:
+                runner = diffusers.StableDiffusionControlNetPipeline(**shared, controlnet=self.controlnet)
+                kwargs.update(image=condition)
+            kwargs.update(controlnet_conditioning_scale=controlnet_conditioning_scale)
         runner.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         # The runner shares modules (and any offload hooks) with this pipeline; only the wrapper object is new.
         return runner(**kwargs).images

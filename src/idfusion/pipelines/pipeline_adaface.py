@@ -295,14 +295,16 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
         tokens = self.install_subject_tokens(ada)
         composed = self.compose_prompt(prompt, tokens)
 
-        # 3. Encode with the base model's own text encoder
+        # 3. LoRAs first (their text-encoder parts apply to this call's prompts), then encode with the base model's
+        #    own text encoder
+        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
         prompt_embeds = encode_text(self.text_encoder, self.tokenizer, [composed])
         negative = encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
 
         # 4. Sample, and record what it takes to make each image again
         return self.sample(
             prompt_embeds, negative, identity, references, settings,
-            lcm=lcm, lcm_lora=lcm_lora, loras=loras, controlnet_image=controlnet_image,
+            lcm=lcm, lcm_lora=lcm_lora, lora_meta=lora_meta, controlnet_image=controlnet_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
             callback_on_step_end=callback_on_step_end,
             prompt=prompt, composed_prompt=composed, negative_prompt=negative_prompt, id_scale=id_scale,

@@ -183,14 +183,16 @@ class Arc2FacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLora
         # 2. One identity from the faces or embeddings
         identity, references = self.prepare_id_embeds(faces, id_embeds)
 
-        # 3. The identity prompt and the negative prompt, both through the Arc2Face encoder
+        # 3. LoRAs first (their text-encoder parts apply to this call's prompts), then the identity prompt and the
+        #    negative prompt, both through the Arc2Face encoder
+        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
         prompt_embeds = arc2face.arc2face_prompt_embeds(self.text_encoder, self.tokenizer, identity)
         negative = arc2face.encode_text(self.text_encoder, self.tokenizer, [negative_prompt or ""])
 
         # 4. Sample, and record what it takes to make each image again
         return self.sample(
             prompt_embeds.to(self.text_encoder.dtype), negative, identity, references, settings,
-            lcm=lcm, lcm_lora=lcm_lora, loras=loras, controlnet_image=controlnet_image,
+            lcm=lcm, lcm_lora=lcm_lora, lora_meta=lora_meta, controlnet_image=controlnet_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
             callback_on_step_end=callback_on_step_end, negative_prompt=negative_prompt,
         )  # fmt: skip

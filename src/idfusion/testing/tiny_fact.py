@@ -9,6 +9,8 @@ Layout written by :func:`write_fact` (paths relative to the output folder)::
     stable-diffusion-v1-5/...                                         tiny SD1.5 base (``sd15`` layout of make_tiny)
     antelopev2/scrfd_10g_bnkps.onnx                                   tiny face detector
     antelopev2/arcface.onnx                                           tiny face recognizer
+    controlnet/                                                       tiny OpenPose ControlNet (from the UNet, zero convs made non-zero)
+    dwpose/yolox_l.onnx, dwpose/dw-ll_ucoco_384.onnx                  tiny DWPose pose estimator
 
 Shapes:
 
@@ -141,4 +143,14 @@ def write_fact(out_dir: Path, seed: int) -> list[Path]:
     faces = out_dir / "antelopev2"
     faces.mkdir()
     write_antelopev2(faces, seed)
+    controlnet = components.tiny_controlnet(unet, seed=seed + 50)
+    # a trained ControlNet's zero convolutions are no longer zero: make the condition matter
+    generator = torch.Generator().manual_seed(seed + 51)
+    for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+        _perturb(block, generator)
+    controlnet.save_pretrained(out_dir / "controlnet", safe_serialization=True)
+    from idfusion.testing.onnx_pose import write_dwpose
+
+    (out_dir / "dwpose").mkdir()
+    write_dwpose(out_dir / "dwpose", seed)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())

@@ -1,0 +1,552 @@
+"""FactPipeline: FaceChain-FACT portraits from face photo(s) and a prompt, on any SD1.5-family base model.
+
+Identity enters through the FACT face adapter (:mod:`idfusion.methods.fact`): the photos' TransFace tokens are
+resampled to 16 face tokens each and appended to the 77 text tokens; the adapters at the UNet's 16 cross-attention
+sites read them, the text path and an optional OpenPose ControlNet do not. Styles (a prompt template and an
+optional style LoRA, :mod:`idfusion.styles`), pose control and inpainting (used by the fixed-template flow,
+:mod:`idfusion.pipelines.template`) are options of the one ``__call__``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+from ..errors import IdfusionError, ModelFilesError
+from ..faces import Face, FaceAnalyzer
+from ..hub import resolve_model_folder
+from ..images import ImageInput, load_image
+from ..layers import encode_text
+from ..methods import fact
+from .common import FaceInput, IdentityInputError, IdentityPipelineOutput, IdentitySD15Mixin, InpaintInput
+
+__all__ = ["FactPipeline", "FaceTokens", "MODEL_ID", "POSE_CONTROLNET"]
+
+logger = logging.getLogger(__name__)
+
+#: The release lives on ModelScope (revision v1.0.0), not on the Hugging Face Hub.
+MODEL_ID = "yucheng1996/FaceChain-FACT"
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: The OpenPose ControlNet the release uses (it ships a copy in ModelScope ``damo/face_chain_control_model``).
+POSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
+BASE_REQUIRED_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+)
+CONTROLNET_FOLDERS = ("controlnet", "control_v11p_sd15_openpose")
+
+EXAMPLE = """
+    >>> import torch
+    >>> from idfusion.pipelines import FactPipeline
+    >>> pipe = FactPipeline.from_pretrained("FaceChain-FACT/", base_model="majicmixRealistic_v6/").to("cuda")
+    >>> out = pipe(faces=["me.jpg"], style="business-suit", num_images_per_prompt=4, seed=42)
+    >>> out.images[0].save("me_0.png")
+"""
+
+
+@dataclass
+class FaceTokens:
+    """One person's face conditioning, computed once per request.
+
+    Attributes:
+        tokens: ``(1, 16k, D)`` face tokens of ``k`` photos.
+        unconditional: ``(1, 16k, D)`` the null face (``resampler(zeros)``), the negative branch's face part.
+        references: the 112x112 head-masked aligned crops the tokens were computed from.
+    """
+
+    tokens: torch.Tensor
+    unconditional: torch.Tensor
+    references: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def num_photos(self) -> int:
+        return self.tokens.shape[1] // fact.TOKENS_PER_FACE
+
+
+def _subfolder(folder: Path, *names: str) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_dir()), None)
+
+
+class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """FaceChain-FACT generation: an SD1.5-family base whose UNet carries the FACT face adapters.
+
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (adapters attached), ``scheduler`` and an
+    optional OpenPose ``controlnet``; plus :attr:`face_encoder` (TransFace ViT-S) and :attr:`resampler`, which
+    are not diffusers components and follow the UNet's device and dtype.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["controlnet"]
+    id_embedding_dim = None
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet=None):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            controlnet=controlnet,
+        )  # fmt: skip
+        self.model_info = {"method": "fact"}
+        self._base_scheduler_config = dict(scheduler.config)
+        self.face_encoder: fact.TransFaceViT | None = None
+        self.resampler: fact.FaceResampler | None = None
+        self.pose_model_dir: Path | None = None
+        self._pose_estimator = None
+        if controlnet is not None:
+            fact.attach_text_only_processors(controlnet)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike = MODEL_ID,
+        *,
+        adapter: str | os.PathLike = "majicmix",
+        base_model: str | os.PathLike | None = None,
+        controlnet: str | os.PathLike | None = None,
+        face_model_dir: str | os.PathLike | None = None,
+        pose_model_dir: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        local_files_only: bool | None = None,
+        **kwargs,
+    ) -> FactPipeline:
+        """Load the FACT release on an SD1.5-family base model.
+
+        Args:
+            pretrained_model_name_or_path: a folder with the files of ModelScope ``yucheng1996/FaceChain-FACT``
+                (rev ``v1.0.0``): ``ms1mv2_model_TransFace_S.pt`` and the adapter ``.ckpt`` files.
+            adapter: ``"majicmix"`` (default), ``"film"`` (the adapters trained on each official base) or an
+                adapter checkpoint file.
+            base_model: any SD1.5-family diffusers model (Hub id or folder). Default: the model folder's
+                ``majicmix/`` or ``film/`` (matching ``adapter``), else its ``stable-diffusion-v1-5/``, else
+                ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (the adapters were trained on the fine-tunes;
+                expect lower fidelity on other bases).
+            controlnet: an OpenPose ControlNet (Hub id or folder). Default: the model folder's ``controlnet/``
+                when present; otherwise ``lllyasviel/control_v11p_sd15_openpose`` is loaded when a pose is given.
+            face_model_dir: ONNX face models (SCRFD); default the model folder's ``antelopev2/``, else dlib.
+            pose_model_dir: DWPose ONNX models for pose estimation from photos; default the folder's ``dwpose/``.
+            torch_dtype: dtype of every component.
+            local_files_only: never contact the Hub (also implied by ``HF_HUB_OFFLINE=1``).
+        """
+        from diffusers import ControlNetModel, StableDiffusionPipeline
+
+        adapter_file = None
+        if str(adapter) in fact.ADAPTER_FILES:
+            adapter_name, required = str(adapter), [fact.TRANSFACE_FILE, fact.ADAPTER_FILES[str(adapter)]]
+        else:
+            adapter_file = Path(adapter).expanduser()
+            if not adapter_file.is_file():
+                raise ModelFilesError(
+                    f"adapter {adapter!s}: expected 'majicmix', 'film' or an adapter .ckpt file that exists"
+                )
+            adapter_name, required = str(adapter_file), [fact.TRANSFACE_FILE]
+        try:
+            folder = resolve_model_folder(
+                pretrained_model_name_or_path, required=required, what="FaceChain-FACT",
+                local_files_only=local_files_only,
+            )  # fmt: skip
+        except ModelFilesError as error:
+            raise ModelFilesError(
+                f"{error} FaceChain-FACT's weights are published on ModelScope ({MODEL_ID}, revision v1.0.0): "
+                "download them into a folder and pass that folder."
+            ) from error
+        adapter_file = adapter_file or folder / fact.ADAPTER_FILES[adapter_name]
+
+        if base_model is None:
+            base_model = _subfolder(folder, adapter_name, "stable-diffusion-v1-5")
+            if base_model is None:
+                base_model = DEFAULT_BASE_MODEL
+                logger.warning(
+                    "no base model given: using %s; the FACT adapters were trained on %s, which gives better "
+                    "likeness (pass it with base_model=)",
+                    DEFAULT_BASE_MODEL, fact.BASE_MODELS.get(adapter_name, "an SD1.5 fine-tune"),
+                )  # fmt: skip
+        base_folder = resolve_model_folder(
+            base_model, required=BASE_REQUIRED_FILES, what="SD1.5 base model for FaceChain-FACT",
+            allow_patterns=["*.json", "*.txt", "unet/*", "text_encoder/*", "vae/*"],
+            local_files_only=local_files_only,
+        )  # fmt: skip
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        base = StableDiffusionPipeline.from_pretrained(
+            base_folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **dtype
+        )
+        if controlnet is None:
+            controlnet = _subfolder(folder, *CONTROLNET_FOLDERS)
+        control = None
+        if controlnet is not None:
+            control_folder = resolve_model_folder(
+                controlnet, required=["config.json"], what="OpenPose ControlNet", allow_patterns=["*.json", "*.safetensors"],
+                local_files_only=local_files_only,
+            )  # fmt: skip
+            control = ControlNetModel.from_pretrained(control_folder, **dtype)
+
+        pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, controlnet=control)
+        pipe.resampler, _ = fact.load_fact_adapter(adapter_file, pipe.unet)
+        pipe.face_encoder = fact.load_transface(folder / fact.TRANSFACE_FILE)
+        if pipe.resampler.proj_out.out_features != base.text_encoder.config.hidden_size:
+            raise ValueError(
+                f"{base_model}: its text encoder is {base.text_encoder.config.hidden_size} wide, but the FACT "
+                f"adapter makes {pipe.resampler.proj_out.out_features}-wide face tokens; FACT needs an SD1.5 base"
+            )
+        pipe._place_face_modules()
+        pipe.model_info = {
+            "method": "fact",
+            "model": str(pretrained_model_name_or_path),
+            "adapter": adapter_name,
+            "base_model": str(base_model),
+            "model_files": {adapter_file.name: adapter_file, fact.TRANSFACE_FILE: folder / fact.TRANSFACE_FILE},
+        }
+        if control is not None:
+            pipe.model_info["controlnet"] = str(controlnet)
+        faces = _subfolder(folder, "antelopev2")
+        pipe.face_model_dir = Path(face_model_dir) if face_model_dir else faces
+        poses = _subfolder(folder, "dwpose")
+        pipe.pose_model_dir = Path(pose_model_dir) if pose_model_dir else poses
+        return pipe
+
+    # ---- devices ---------------------------------------------------------------------------------------------
+
+    def _place_face_modules(self) -> None:
+        for module in (self.face_encoder, self.resampler):
+            if module is not None:
+                module.to(device=self._execution_device, dtype=self.unet.dtype)
+
+    def to(self, *args, **kwargs):
+        """Move the pipeline; TransFace and the resampler follow the UNet's device and dtype."""
+        result = super().to(*args, **kwargs)
+        self._place_face_modules()
+        return result
+
+    # ---- faces -----------------------------------------------------------------------------------------------
+
+    def _face_analyzer(self) -> FaceAnalyzer:
+        if self.face_analyzer is None:
+            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
+
+            try:
+                find_onnx_models(resolve_onnx_model_dir(self.face_model_dir))
+                detector = "onnx"
+            except IdfusionError:
+                detector = "hog"  # no ONNX models: dlib's detector, fully offline
+            self.face_analyzer = FaceAnalyzer(
+                detector, None, model_dir=self.face_model_dir, crops=(), dense_landmarks=True
+            )
+        return self.face_analyzer
+
+    def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
+        """The head-masked 112x112 aligned crop of the largest face of each photo (spec §2.1)."""
+        from ..faces.masks import head_mask
+
+        crops = []
+        for item in faces:
+            if isinstance(item, Face):
+                raise IdentityInputError(f"{item.source}: FACT needs the photo itself, not a Face record")
+            loaded = load_image(item)
+            face = self._face_analyzer().get(loaded.array, name=loaded.name)
+            mask = head_mask(face, loaded.array.shape[:2])
+            crops.append(fact.face_crop(loaded.array, face.landmarks, mask))
+        return crops
+
+    @torch.no_grad()
+    def encode_faces(self, faces: Sequence[FaceInput] | FaceInput) -> FaceTokens:
+        """Face tokens for one person from 1 or more photos: the expensive part of a request, done once.
+
+        Several photos are one identity: each photo gives its own 16 tokens and the adapters attend to all of
+        them together (``16k`` tokens), as the release does; the null face covers the same ``16k`` positions.
+        """
+        if not isinstance(faces, (list, tuple)):
+            faces = [faces]
+        if not faces:
+            raise IdentityInputError("faces is empty: give at least one face photo")
+        if self.face_encoder is None or self.resampler is None:
+            raise ModelFilesError(
+                "this FactPipeline has no TransFace encoder or resampler; load it with from_pretrained"
+            )
+        crops = self.face_crops(faces)
+        self._place_face_modules()
+        tokens = fact.encode_face_tokens(self.face_encoder, self.resampler, np.stack(crops))
+        unconditional = self.resampler.unconditional(len(crops))
+        return FaceTokens(tokens, unconditional, crops)
+
+    # ---- pose ------------------------------------------------------------------------------------------------
+
+    def pose_estimator(self):
+        """The DWPose estimator from :attr:`pose_model_dir` (or idfusion's default pose-model folder).
+
+        Raises:
+            ModelFilesError: the DWPose ONNX models are not there (the message lists them).
+        """
+        if self._pose_estimator is None:
+            from ..pose import DWPoseEstimator, resolve_pose_model_dir
+
+            self._pose_estimator = DWPoseEstimator(resolve_pose_model_dir(self.pose_model_dir))
+        return self._pose_estimator
+
+    def load_pose_controlnet(self, source: str | os.PathLike = POSE_CONTROLNET, local_files_only: bool | None = None):
+        """Add an OpenPose ControlNet (Hub id or folder); its attention sees text tokens only."""
+        from diffusers import ControlNetModel
+
+        folder = resolve_model_folder(
+            source, required=["config.json"], what="OpenPose ControlNet",
+            allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"], local_files_only=local_files_only,
+        )  # fmt: skip
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=self.unet.dtype).to(self.unet.device)
+        fact.attach_text_only_processors(controlnet)
+        self.register_modules(controlnet=controlnet)
+        self.model_info["controlnet"] = str(source)
+        return controlnet
+
+    def pose_condition(self, pose_image: ImageInput, height: int, width: int, mode: str = "auto") -> PIL.Image.Image:
+        """A skeleton image for the OpenPose ControlNet: a ready skeleton as given, or estimated from a photo."""
+        from ..pose import looks_like_skeleton, pose_condition
+
+        estimator = None
+        if mode == "photo" or (mode == "auto" and not looks_like_skeleton(pose_image)):
+            estimator = self.pose_estimator()  # a photo: the estimator's weights must be there
+        mode = "photo" if estimator is not None else "skeleton" if mode == "auto" else mode
+        return pose_condition(pose_image, (height, width), estimator=estimator, mode=mode)
+
+    # ---- call ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        faces: Sequence[FaceInput] | FaceInput | None = None,
+        *,
+        face_tokens: FaceTokens | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        style: Any = None,
+        style_weight: float | None = None,
+        adapter_scale: float | None = None,
+        pose_image: ImageInput | None = None,
+        pose_mode: str = "auto",
+        controlnet_conditioning_scale: float = 1.0,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        strength: float = 0.6,
+        num_images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        loras: Sequence[tuple[str, float]] = (),
+        output_type: str = "pil",
+        callback_on_step_end=None,
+    ) -> IdentityPipelineOutput:
+        """Generate portraits of the person in ``faces``.
+
+        Args:
+            faces: photo(s) of one person (paths, bytes, PIL or arrays). Each photo's largest face is used.
+            face_tokens: :meth:`encode_faces` output instead of ``faces`` (reuse it across calls).
+            prompt: the text prompt; with a ``style`` it fills the style's subject slot (default "a person").
+            negative_prompt: default the style's, else the release-style negative prompt.
+            style: a :class:`~idfusion.styles.Style`, a style name from the catalogue, or a ``.toml`` file.
+            style_weight: weight of the style's LoRA (default the style's own).
+            adapter_scale: the face adapter scale ``s`` (0 = the base model; default 0.5, inpainting 0.55).
+            pose_image: a pose skeleton image, or a photo to estimate the pose from (needs DWPose models); drives
+                the OpenPose ControlNet at ``controlnet_conditioning_scale``.
+            pose_mode: ``"auto"`` (tell skeletons from photos), ``"skeleton"`` or ``"photo"``.
+            image, mask_image, strength: inpaint ``image`` where ``mask_image`` is white, with ``strength``.
+            num_images_per_prompt: 1 to 6 portraits (one seed each); the faces are encoded once for all of them.
+            seed: an int (images get ``seed, seed + 1, ...``), one seed per image, or ``None`` for random seeds.
+            num_inference_steps, guidance_scale, scheduler: default 50, 7.0 (inpainting 5.0), ``"pndm"``.
+            height, width: output size (multiples of 8); default 512 (the image's size when inpainting).
+            loras: extra ``(file, weight)`` LoRAs (diffusers or kohya format).
+
+        Returns:
+            :class:`IdentityPipelineOutput` with images, per-image metadata and the reference crops.
+        """
+        # 1. Check inputs and fill the release's defaults
+        inpainting = image is not None
+        if inpainting != (mask_image is not None):
+            raise ValueError("inpainting needs both image and mask_image")
+        if not 1 <= num_images_per_prompt <= fact.MAX_IMAGES:
+            raise ValueError(f"num_images_per_prompt must be 1 to {fact.MAX_IMAGES}, got {num_images_per_prompt}")
+        if inpainting:
+            init = load_image(image, name="image").to_pil()
+            mask = load_image(mask_image, name="mask_image").to_pil().convert("L")
+            if mask.size != init.size:
+                raise ValueError(f"mask_image is {mask.size[0]}x{mask.size[1]}, image {init.size[0]}x{init.size[1]}")
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            height, width = height or init.size[1] // 8 * 8, width or init.size[0] // 8 * 8
+        defaults = fact.INPAINT_DEFAULTS if inpainting else fact.DEFAULTS
+        settings = self.sampling_settings(
+            defaults, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        )  # fmt: skip
+        scale = defaults["adapter_scale"] if adapter_scale is None else float(adapter_scale)
+        if not np.isfinite(scale) or scale < 0:
+            raise ValueError(f"adapter_scale must be a finite number >= 0, got {adapter_scale}")
+
+        # 2. Style: prompt template and LoRA
+        loras = list(loras)
+        text = prompt if prompt is not None else fact.DEFAULT_PROMPT
+        negative = negative_prompt
+        style_meta = {}
+        if style is not None:
+            from ..styles import Style, resolve_style
+
+            style = style if isinstance(style, Style) else resolve_style(style)
+            text = style.format_prompt(prompt)
+            negative = negative if negative is not None else style.negative_prompt
+            weight = style.weight if style_weight is None else float(style_weight)
+            lora = style.lora_path()
+            if lora is not None:
+                loras.insert(0, (str(lora), weight))
+            style_meta = {"style": style.name, "style_weight": weight if lora is not None else None, "subject": prompt}
+        elif style_weight is not None:
+            raise ValueError("style_weight needs a style")
+        negative = fact.NEGATIVE_PROMPT if negative is None else negative
+
+        # 3. Face tokens, once per request
+        if (faces is None) == (face_tokens is None):
+            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
+
+        # 4. LoRAs first (their text-encoder parts apply to this call's prompts). Context = [77 text tokens | 16k
+        #    face tokens]; the negative branch gets the null face (face-CFG)
+        lora_meta = self.activate_adapters(False, loras, None)
+        dtype = self.unet.dtype
+        text_embeds = encode_text(self.text_encoder, self.tokenizer, [text, negative]).to(dtype)
+        prompt_embeds = torch.cat([text_embeds[:1], identity.tokens.to(text_embeds.device, dtype)], dim=1)
+        negative_embeds = torch.cat([text_embeds[1:], identity.unconditional.to(text_embeds.device, dtype)], dim=1)
+        fact.set_face_adapter_scale(self.unet, scale)
+        models = [self.unet] + ([self.controlnet] if self.controlnet is not None else [])
+        fact.set_num_face_tokens(*models, num_photos=identity.num_photos)
+
+        # 5. Pose and inpainting inputs
+        condition = None
+        if pose_image is not None:
+            if self.controlnet is None:
+                self.load_pose_controlnet()
+                fact.set_num_face_tokens(self.controlnet, num_photos=identity.num_photos)
+            condition = self.pose_condition(pose_image, settings.height, settings.width, pose_mode)
+        inpaint = None
+        if inpainting:
+            size = (settings.width, settings.height)
+            inpaint = InpaintInput(
+                init.resize(size, PIL.Image.LANCZOS), mask.resize(size, PIL.Image.BILINEAR), strength
+            )
+
+        # 6. Sample, and record what it takes to make each image again
+        output = self.sample(
+            prompt_embeds, negative_embeds, None, identity.references, settings, lora_meta=lora_meta,
+            controlnet_image=condition, controlnet_conditioning_scale=controlnet_conditioning_scale, inpaint=inpaint,
+            output_type=output_type, callback_on_step_end=callback_on_step_end, prompt=text,
+            negative_prompt=negative, adapter_scale=scale, num_face_photos=identity.num_photos,
+            pose=pose_mode if pose_image is not None else None, **style_meta,
+        )  # fmt: skip
+        if style_meta.get("style_weight") is not None:  # the style brings its LoRA back on replay
+            for meta in output.metadata:
+                meta["loras"] = meta["loras"][1:] or None
+                if meta["loras"] is None:
+                    del meta["loras"]
+        return output
+
+    # ---- fixed-template portraits ----------------------------------------------------------------------------
+
+    def template_portraits(
+        self,
+        template: ImageInput,
+        faces: Sequence[FaceInput] | FaceInput | None = None,
+        *,
+        face_tokens: FaceTokens | None = None,
+        face_index: int | str = 0,
+        strength: float = 0.6,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        adapter_scale: float | None = None,
+        use_pose: bool = False,
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        **hooks: Any,
+    ) -> IdentityPipelineOutput:
+        """Repaint the face(s) of a template photo with the person in ``faces`` (spec §5.2, simplified).
+
+        Each chosen template face (left to right, or ``"all"``) is cut out in a square crop at the model's native
+        size, its face region is inpainted with the FACT identity (adapter scale 0.55, CFG 5, PNDM 50 steps,
+        ``strength`` 0.6 as the release), and the crop is pasted back through a feathered mask; every pixel outside
+        that mask is the template's. See :mod:`idfusion.pipelines.template` for the flow and its differences from
+        the official chain.
+
+        Args:
+            template: the template photo (one or more faces).
+            faces, face_tokens: the identity, as in :meth:`__call__`; encoded once for every face and image.
+            face_index: template face to repaint, counted from the left (0 = leftmost), or ``"all"``.
+            strength: inpainting strength (0, 1].
+            use_pose: also drive the OpenPose ControlNet with the template crop's pose (needs DWPose models).
+            num_images: 1 to 6 results, one seed each.
+            hooks: passed to :class:`~idfusion.pipelines.template.TemplatePortrait` (``mask_fn``, ``retouch``,
+                ``analyzer``, ``control_hooks``, ``face_fraction``, ``feather_px``).
+
+        Returns:
+            :class:`IdentityPipelineOutput`: template-size images, metadata, reference crops.
+        """
+        from ..outputs import file_sha256
+        from .common import resolve_seeds
+        from .template import TemplatePortrait
+
+        if not 1 <= num_images <= fact.MAX_IMAGES:
+            raise ValueError(f"num_images must be 1 to {fact.MAX_IMAGES}, got {num_images}")
+        if (faces is None) == (face_tokens is None):
+            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
+        from_file = isinstance(template, (str, os.PathLike))
+        size = self.default_size(None, None)[0]
+        control_hooks = dict(hooks.pop("control_hooks", None) or {})
+        if use_pose:
+            estimator = self.pose_estimator()
+
+            def pose_hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
+                from ..pose import pose_condition
+
+                return pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
+
+            control_hooks["pose"] = pose_hook
+        hooks.setdefault("analyzer", self._face_analyzer())
+        images, metadata = [], []
+        for current in resolve_seeds(seed, num_images):
+            calls: list[dict] = []
+
+            def inpaint(crop, current=current, calls=calls) -> PIL.Image.Image:
+                out = self(
+                    face_tokens=identity, prompt=prompt if prompt is not None else fact.TEMPLATE_PROMPT,
+                    negative_prompt=negative_prompt, adapter_scale=adapter_scale, image=crop.image,
+                    mask_image=crop.mask_image, strength=strength, seed=current,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                    height=size, width=size, pose_image=crop.control_images.get("pose"), pose_mode="skeleton",
+                )  # fmt: skip
+                calls.append(out.metadata[0])
+                return out.images[0]
+
+            flow = TemplatePortrait(inpaint, control_hooks=control_hooks, work_size=size, **hooks)
+            result = flow(template, face_index=face_index)
+            images.append(result.image)
+            meta = dict(calls[-1])
+            meta.update(
+                template=str(template) if from_file else "<image>", face_index=face_index, faces_repainted=len(calls), width=result.image.width,
+                height=result.image.height, crop_size=size,
+            )  # fmt: skip
+            if from_file:
+                meta["template_sha256"] = file_sha256(template)
+            metadata.append(meta)
+        return IdentityPipelineOutput(images=images, metadata=metadata, references=identity.references)
