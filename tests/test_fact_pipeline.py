@@ -169,8 +169,7 @@ def test_style_lora_round_trip_is_exact(pipe, obama_tokens, tmp_path):
     lora = write_kohya_lora(tmp_path / "style.safetensors", pipe.unet, pipe.text_encoder, seed=3)
     catalogue = tmp_path / "styles.toml"
     catalogue.write_text(
-        '[[style]]\nname = "test-style"\nprompt = "{subject}, in a red coat"\n'
-        f'lora = "{lora.name}"\nweight = 0.8\n'
+        f'[[style]]\nname = "test-style"\nprompt = "{{subject}}, in a red coat"\nlora = "{lora.name}"\nweight = 0.8\n'
     )
     (style,) = load_style_file(catalogue)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"{args.out}: exists and is not a folder")
 
+    if args.method == "fact" and (args.num_images or 1) > 6:
+        raise ValueError(f"--num-images: FACT makes 1 to 6 portraits per request, got {args.num_images}")
     device, dtype = _device_and_dtype(args)
     if args.cpu_offload and device == "cpu":
         raise ValueError("--cpu-offload moves models between the CPU and a GPU; give --device cuda (or mps) with it")

@@ -59,6 +59,7 @@ def _quiet_libraries() -> None:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" (sampling bars stay)
     except ImportError:  # pragma: no cover
         pass
 

@@ -57,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter-scale", type=non_negative_float, help="face adapter scale (default 0.55)")
     parser.add_argument("--pose", action="store_true", help="keep the template's pose with the OpenPose ControlNet")
     parser.add_argument("--num-images", type=positive_int, default=1, help="results to make, 1-6 (default 1)")
-    parser.add_argument("--seed", type=seed, help="seed of the first result; the next get seed+1, ... (default random)")
+    parser.add_argument(
+        "--seed", type=seed, help="seed of the first result; the next get seed+1, ... (default random)"
+    )
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default 50)")
     parser.add_argument("--guidance", type=non_negative_float, help="classifier-free guidance scale (default 5.0)")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")

@@ -164,6 +164,23 @@ class IdentitySD15Mixin:
             self.face_analyzer = FaceAnalyzer("onnx", "onnx", model_dir=folder)
         return self.face_analyzer
 
+    def photo_analyzer(self, *, dense_landmarks: bool = False) -> FaceAnalyzer:
+        """The analyzer for methods conditioned on the photos themselves (no embedding): SCRFD when the ONNX models
+        are there, else dlib's detector (fully offline); no recognizer. Built once; ``set_face_analyzer`` overrides.
+        """
+        if self.face_analyzer is None:
+            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
+
+            try:
+                find_onnx_models(resolve_onnx_model_dir(self.face_model_dir))
+                detector = "onnx"
+            except IdfusionError:
+                detector = "hog"
+            self.face_analyzer = FaceAnalyzer(
+                detector, None, model_dir=self.face_model_dir, crops=(), dense_landmarks=dense_landmarks
+            )
+        return self.face_analyzer
+
     def prepare_id_embeds(
         self,
         faces: Sequence[FaceInput] | FaceInput | None = None,

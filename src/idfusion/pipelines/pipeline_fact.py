@@ -22,8 +22,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-from ..errors import IdfusionError, ModelFilesError
-from ..faces import Face, FaceAnalyzer
+from ..errors import ModelFilesError
+from ..faces import Face
 from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..layers import encode_text
@@ -231,20 +231,6 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
 
     # ---- faces -----------------------------------------------------------------------------------------------
 
-    def _face_analyzer(self) -> FaceAnalyzer:
-        if self.face_analyzer is None:
-            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
-
-            try:
-                find_onnx_models(resolve_onnx_model_dir(self.face_model_dir))
-                detector = "onnx"
-            except IdfusionError:
-                detector = "hog"  # no ONNX models: dlib's detector, fully offline
-            self.face_analyzer = FaceAnalyzer(
-                detector, None, model_dir=self.face_model_dir, crops=(), dense_landmarks=True
-            )
-        return self.face_analyzer
-
     def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
         """The head-masked 112x112 aligned crop of the largest face of each photo (spec §2.1)."""
         from ..faces.masks import head_mask
@@ -254,7 +240,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             if isinstance(item, Face):
                 raise IdentityInputError(f"{item.source}: FACT needs the photo itself, not a Face record")
             loaded = load_image(item)
-            face = self._face_analyzer().get(loaded.array, name=loaded.name)
+            face = self.photo_analyzer(dense_landmarks=True).get(loaded.array, name=loaded.name)
             mask = head_mask(face, loaded.array.shape[:2])
             crops.append(fact.face_crop(loaded.array, face.landmarks, mask))
         return crops
@@ -522,7 +508,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
                 return pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
 
             control_hooks["pose"] = pose_hook
-        hooks.setdefault("analyzer", self._face_analyzer())
+        hooks.setdefault("analyzer", self.photo_analyzer(dense_landmarks=True))
         images, metadata = [], []
         for current in resolve_seeds(seed, num_images):
             calls: list[dict] = []

@@ -19,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import FaceError, IdfusionError
-from ..faces import Face, FaceAnalyzer, align_face
+from ..faces import Face, align_face
 from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..methods import flashface
@@ -170,18 +170,6 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
 
     # ---- references ------------------------------------------------------------------------------------------
 
-    def _reference_analyzer(self) -> FaceAnalyzer:
-        if self.face_analyzer is None:
-            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
-
-            try:
-                find_onnx_models(resolve_onnx_model_dir(self.face_model_dir))
-                detector = "onnx"
-            except IdfusionError:
-                detector = "hog"  # no ONNX models: dlib's detector, fully offline
-            self.face_analyzer = FaceAnalyzer(detector, None, model_dir=self.face_model_dir, crops=())
-        return self.face_analyzer
-
     def reference_images(self, faces: Sequence[FaceInput]) -> list[PIL.Image.Image]:
         """One reference image per photo (each must show exactly one face), cropped the variant's way."""
         size = self.variant.reference_size
@@ -190,7 +178,7 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             if isinstance(item, Face):
                 raise ReferenceError(item.source, "FlashFace needs the photo itself, not a Face record")
             loaded = load_image(item)
-            found = self._reference_analyzer().analyze(loaded.array, name=loaded.name)
+            found = self.photo_analyzer().analyze(loaded.array, name=loaded.name)
             if len(found) != 1:
                 raise ReferenceError(
                     loaded.name,

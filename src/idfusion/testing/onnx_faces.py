@@ -11,8 +11,6 @@ Both are exported with ``torch.onnx.export``'s default (dynamo) exporter at opse
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..faces.align import ARCFACE_TEMPLATE
+from .onnx_export import export_onnx, logit
 
 __all__ = [
     "TinySCRFD",
@@ -35,11 +34,6 @@ logger = logging.getLogger(__name__)
 
 TINY_DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 TINY_RECOGNIZER_FILE = "arcface.onnx"
-_OPSET = 18
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
 
 
 class TinySCRFD(nn.Module):
@@ -98,9 +92,9 @@ class TinySCRFD(nn.Module):
             for i, stride in enumerate(self.strides):
                 self.score_heads[i].weight.zero_()
                 if stride == 32:
-                    self.score_heads[i].bias.copy_(torch.tensor([_logit(0.6), _logit(0.55)]))
+                    self.score_heads[i].bias.copy_(torch.tensor([logit(0.6), logit(0.55)]))
                 else:
-                    self.score_heads[i].bias.fill_(_logit(0.1))
+                    self.score_heads[i].bias.fill_(logit(0.1))
                 self.bbox_heads[i].weight.mul_(0.01)
                 self.bbox_heads[i].bias.copy_(torch.tensor([h for h in half_sizes for _ in range(4)]))
                 self.kps_heads[i].weight.mul_(0.01)
@@ -168,40 +162,11 @@ class TinyArcFace(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))  # (N, 64) -> (N, embedding_dim)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str], dynamic: dict) -> Path:
-    module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The exporter logs "torchvision is not installed" per missing op and raises torch-internal FutureWarnings;
-    # neither concerns these models, so both are silenced for the duration of the export only.
-    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-    previous_level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=["input.1"],
-                output_names=output_names,
-                dynamic_shapes={"x": dynamic} if dynamic else None,
-                opset_version=_OPSET,
-                dynamo=True,
-                external_data=False,  # one self-contained file, like the real models
-                verbose=False,
-            )
-    finally:
-        noisy.setLevel(previous_level)
-    logger.debug("wrote %s", path)
-    return path
-
-
 def export_tiny_scrfd(path: str | Path, *, seed: int = 0) -> Path:
     """Export :class:`TinySCRFD` to ``path`` with dynamic height and width; returns the path."""
     dim = torch.export.Dim.DYNAMIC
     example = torch.zeros(1, 3, 128, 160)
-    return _export(TinySCRFD(seed), example, Path(path), list(TinySCRFD.output_names), {2: dim, 3: dim})
+    return export_onnx(TinySCRFD(seed), example, Path(path), "input.1", list(TinySCRFD.output_names), {2: dim, 3: dim})
 
 
 def export_tiny_arcface(
@@ -217,8 +182,10 @@ def export_tiny_arcface(
     """
     module = TinyArcFace(seed, normalize_in_graph=normalize_in_graph)
     if dynamic_batch:
-        return _export(module, torch.zeros(2, 3, 112, 112), Path(path), ["embedding"], {0: torch.export.Dim.DYNAMIC})
-    return _export(module, torch.zeros(1, 3, 112, 112), Path(path), ["embedding"], {})
+        return export_onnx(
+            module, torch.zeros(2, 3, 112, 112), Path(path), "input.1", ["embedding"], {0: torch.export.Dim.DYNAMIC}
+        )
+    return export_onnx(module, torch.zeros(1, 3, 112, 112), Path(path), "input.1", ["embedding"], {})
 
 
 def write_tiny_antelopev2(out_dir: Path, *, seed: int = 0) -> list[Path]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .onnx_export import export_onnx, logit
 
 __all__ = [
     "TinyYOLOX",
@@ -36,11 +37,6 @@ logger = logging.getLogger(__name__)
 
 TINY_DETECTOR_FILE = "yolox_l.onnx"
 TINY_POSE_FILE = "dw-ll_ucoco_384.onnx"
-_OPSET = 18
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1.0 - p))
 
 
 def _first_max_one_hot(values: torch.Tensor) -> torch.Tensor:
@@ -95,11 +91,11 @@ class TinyYOLOX(nn.Module):
         with torch.no_grad():
             for head, stride in zip(self.heads, self.strides, strict=True):
                 head.weight.mul_(0.01)
-                bias = torch.full((outputs,), _logit(0.01))
+                bias = torch.full((outputs,), logit(0.01))
                 w_cells, h_cells = self.box_cells[stride]
                 bias[:4] = torch.tensor([0.5, 0.5, math.log(w_cells), math.log(h_cells)])
-                bias[4] = _logit({8: 1e-8, 16: 0.6, 32: 0.95}[stride])
-                bias[5] = _logit(0.9)
+                bias[4] = logit({8: 1e-8, 16: 0.6, 32: 0.95}[stride])
+                bias[5] = logit(0.9)
                 head.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,40 +202,9 @@ class TinyRTMPose(nn.Module):
         return simcc_x, simcc_y
 
 
-def _export(
-    module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_names: list[str], dynamic: dict
-) -> Path:
-    module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The exporter logs "torchvision is not installed" per missing op and raises torch-internal FutureWarnings;
-    # neither concerns these models, so both are silenced for the duration of the export only.
-    noisy = logging.getLogger("torch.onnx._internal.exporter._registration")
-    previous_level = noisy.level
-    noisy.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=output_names,
-                dynamic_shapes={"x": dynamic} if dynamic else None,
-                opset_version=_OPSET,
-                dynamo=True,
-                external_data=False,  # one self-contained file, like the released models
-                verbose=False,
-            )
-    finally:
-        noisy.setLevel(previous_level)
-    logger.debug("wrote %s", path)
-    return path
-
-
 def export_tiny_yolox(path: str | Path, *, seed: int = 0) -> Path:
     """Export :class:`TinyYOLOX` (static ``(1, 3, 640, 640)`` input) to ``path``; returns the path."""
-    return _export(TinyYOLOX(seed), torch.zeros(1, 3, 640, 640), Path(path), "images", ["output"], {})
+    return export_onnx(TinyYOLOX(seed), torch.zeros(1, 3, 640, 640), Path(path), "images", ["output"], {})
 
 
 def export_tiny_rtmpose(path: str | Path, *, seed: int = 0, dynamic_batch: bool = False) -> Path:
@@ -256,7 +221,7 @@ def export_tiny_rtmpose(path: str | Path, *, seed: int = 0, dynamic_batch: bool 
         example, dynamic = torch.zeros(2, 3, 384, 288), {0: torch.export.Dim.DYNAMIC}
     else:
         example, dynamic = torch.zeros(1, 3, 384, 288), {}
-    return _export(module, example, Path(path), "input", ["simcc_x", "simcc_y"], dynamic)
+    return export_onnx(module, example, Path(path), "input", ["simcc_x", "simcc_y"], dynamic)
 
 
 def write_dwpose(folder: str | Path, seed: int = 0) -> list[Path]:
