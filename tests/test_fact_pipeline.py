@@ -312,3 +312,19 @@ def test_template_cli(release, tmp_path, faces_dir, capsys):
     code = main(["template", "--model", str(release), "--template", str(tmp_path / "missing.jpg"),
                  "--face", str(faces_dir / "obama.jpg"), "--out", str(tmp_path)])  # fmt: skip
     assert code == 1 and "missing.jpg: file not found" in capsys.readouterr().err
+
+
+def test_both_official_adapters_load_and_a_custom_base_is_used(pipe, release, tmp_path):
+    import shutil
+
+    from idfusion.pipelines import FactPipeline
+
+    film = FactPipeline.from_pretrained(release, adapter="film", local_files_only=True)
+    assert film.model_info["adapter"] == "film"
+    assert not torch.equal(film.resampler.latents, pipe.resampler.latents)  # its own checkpoint
+    base = tmp_path / "my-finetune"
+    shutil.copytree(release / "stable-diffusion-v1-5", base)
+    custom = FactPipeline.from_pretrained(release, base_model=base, local_files_only=True)
+    assert custom.model_info["base_model"] == str(base)
+    with pytest.raises(Exception, match="adapter"):
+        FactPipeline.from_pretrained(release, adapter=tmp_path / "missing.ckpt", local_files_only=True)
