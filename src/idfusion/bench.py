@@ -318,6 +318,63 @@ def _fact(components: dict, scheduler: str):
     return call
 
 
+def feedface_full_size(components: dict):
+    """A random FeedFace pipeline at full size (UniDiffuser-v1 U-ViT, feed adapter with its CLIP-B/32 tower, caption
+    decoder) sharing the benchmark's VAE and CLIP text encoder, which are UniDiffuser's too; built once per run."""
+    if components.get("_feedface") is None:
+        from diffusers import DPMSolverSinglestepScheduler, UniDiffuserModel, UniDiffuserTextDecoder
+
+        from .methods import feedface
+        from .methods import feedface_checkpoint as ckpt
+        from .pipelines.pipeline_feedface import FeedFacePipeline
+
+        unet, text_encoder = components["unet"], components["text_encoder"]
+        device, dtype = unet.device, unet.dtype
+        torch.manual_seed(3)
+        if components.get("_tiny", False):
+            from .testing.tiny_feedface_adapter import TINY_VISION_CONFIG
+            from .testing.tiny_feedface_base import tiny_uvit_config
+
+            uvit = UniDiffuserModel(**tiny_uvit_config(sample_size=64))
+            adapter = feedface.FeedAdapter(uvit.inner_dim, vision_config=TINY_VISION_CONFIG)
+            decoder_config = ckpt.text_decoder_config(n_layer=1, prefix_hidden_dim=uvit.config.text_dim)
+        else:
+            uvit, adapter = UniDiffuserModel(**ckpt.UVIT_V1_CONFIG), feedface.FeedAdapter()
+            decoder_config = ckpt.TEXT_DECODER_CONFIG
+        decoder = UniDiffuserTextDecoder(**{**decoder_config, "prefix_inner_dim": text_encoder.config.hidden_size})
+        with torch.no_grad():  # trained adapters are not zero
+            for block in adapter.blocks:
+                block.zero_linear.weight.normal_(0, 1e-3)
+        for module in (uvit, adapter, decoder):
+            module.to(device=device, dtype=dtype).eval()
+        scheduler = DPMSolverSinglestepScheduler.from_config(feedface.SCHEDULER_CONFIG)
+        pipe = FeedFacePipeline(components["vae"], text_encoder, components["tokenizer"], decoder, uvit, scheduler)
+        pipe.feed = adapter
+        pipe._attach_feed()
+        pipe.set_progress_bar_config(disable=True)
+        components["_feedface"] = pipe
+    return components["_feedface"]
+
+
+def _feedface_case(adapter: bool):
+    def build(components: dict, scheduler: str):
+        from .methods import feedface
+
+        pipe = feedface_full_size(components)
+        crop = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+
+        def call(steps, generator, on_step):
+            pixels = feedface.preprocess_faces(crop).to(pipe.unet.device, pipe.unet.dtype)
+            tokens = pipe.feed.encode_faces(pixels) if adapter else torch.zeros(1, 50, pipe.feed.dim)
+            return pipe(face_tokens=tokens, prompt="photo of a person", feed_scale=0.8 if adapter else 0.0,
+                        num_inference_steps=steps, scheduler=scheduler, seed=int(generator.initial_seed()),
+                        callback_on_step_end=on_step, output_type="np").images  # fmt: skip
+
+        return call
+
+    return build
+
+
 BENCH_CASES: dict[str, BenchCase] = {
     "arc2face": BenchCase("arc2face", _arc2face, goal=1.02),
     "fact": BenchCase("fact", _fact, goal=1.25, batch="1 image, CFG (UNet batch 2), 77 + 16 tokens"),
@@ -331,6 +388,16 @@ BENCH_CASES: dict[str, BenchCase] = {
         size="768x768, 4 references",
         sampling="ddim (trailing)",
         batch="1 image, 2 guidance branches while t > 750, then 3",
+    ),
+    # FeedFace against the bare U-ViT (adapter multiplier 0 skips every feed block) on the same weights
+    "feedface": BenchCase(
+        "feedface",
+        _feedface_case(adapter=True),
+        goal=1.2,
+        baseline=_feedface_case(adapter=False),
+        baseline_name="unidiffuser-v1 U-ViT (bare)",
+        size="512x512, 1 reference",
+        batch="1 image, 2 U-ViT calls per step (conditional with the adapter, unconditional without)",
     ),
 }
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from .argtypes import finite, non_negative_float, positive_int, seed
 
-METHODS = ("arc2face", "adaface", "flashface", "open-flashface", "fact")
+METHODS = ("arc2face", "adaface", "flashface", "open-flashface", "fact", "feedface", "feedface-sd15")
 FLASHFACE = ("flashface", "open-flashface")
+FEEDFACE = ("feedface", "feedface-sd15")
 # methods conditioned on the photos themselves (no embedding to replay from metadata)
-PHOTO_METHODS = (*FLASHFACE, "fact")
+PHOTO_METHODS = (*FLASHFACE, "fact", *FEEDFACE)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -80,6 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pose-image", type=Path, help="FACT: OpenPose skeleton image, or a photo (needs DWPose models)"
     )
+    parser.add_argument(
+        "--face-mode", choices=("cat", "mean"), help="FeedFace: several photos' tokens joined or averaged"
+    )
+    parser.add_argument("--feed-scale", type=finite, help="FeedFace: adapter multiplier (0.8; 0 = the base model)")
     parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
     parser.add_argument("--controlnet-scale", type=non_negative_float, default=None, help="ControlNet strength (1.0)")
     parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
@@ -112,7 +117,10 @@ _REPLAYED = {
     "style": ("style", "style"),
     "style_weight": ("style_weight", "style_weight"),
     "adapter_scale": ("adapter_scale", "adapter_scale"),
+    "face_mode": ("face_mode", "face_mode"),
+    "feed_scale": ("feed_scale", "feed_scale"),
 }
+_FEEDFACE_ONLY = ("face_mode", "feed_scale")
 _FACT_ONLY = ("style", "style_weight", "adapter_scale", "adapter", "pose_image")
 
 
@@ -191,9 +199,19 @@ def run(args: argparse.Namespace) -> int:
         given = [f"--{a.replace('_', '-')}" for a in _FACT_ONLY if getattr(args, a) is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: FaceChain-FACT options (--method fact)")
+    if args.method not in FEEDFACE:
+        given = [f"--{a.replace('_', '-')}" for a in _FEEDFACE_ONLY if getattr(args, a) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: FeedFace options (--method feedface or feedface-sd15)")
+    if args.method in FEEDFACE and (args.lcm or args.id_scale is not None or args.controlnet_image or args.lora):
+        raise ValueError("--lcm, --id-scale, --controlnet-image and --lora are not FeedFace options")
+    if args.method == "feedface" and args.base_model is not None:
+        raise ValueError("--base-model: FeedFace runs on its own UniDiffuser-v1 (feedface-sd15 takes an SD1.5 base)")
     if args.method == "fact" and (args.lcm or args.id_scale is not None or args.controlnet_image is not None):
         raise ValueError("--lcm, --id-scale and --controlnet-image are not FACT options (use --pose-image)")
-    load_kwargs = {"base_model": args.base_model, "face_model_dir": args.face_models}
+    load_kwargs = {"face_model_dir": args.face_models}
+    if args.method != "feedface":
+        load_kwargs["base_model"] = args.base_model
     if args.method == "fact" and args.adapter is not None:
         load_kwargs["adapter"] = args.adapter
     if dtype is not None:
@@ -231,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     call = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
     if args.method == "fact":
         call.update(loras=args.lora, pose_image=args.pose_image)
+    elif args.method in FEEDFACE:
+        pass
     elif not flash:
         call.update(loras=args.lora, controlnet_image=args.controlnet_image)
     for arg, (_, key) in _REPLAYED.items():

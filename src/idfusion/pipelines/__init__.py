@@ -25,6 +25,8 @@ PIPELINES = {
     "flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
     "open-flashface": "idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
     "fact": "idfusion.pipelines.pipeline_fact:FactPipeline",
+    "feedface": "idfusion.pipelines.pipeline_feedface:FeedFacePipeline",
+    "feedface-sd15": "idfusion.pipelines.pipeline_feedface_sd15:FeedFaceSD15Pipeline",
 }
 # methods that share a class and tell it which release they are
 _VARIANT_METHODS = {"flashface", "open-flashface"}

@@ -36,6 +36,7 @@ __all__ = [
     "make_scheduler",
     "resolve_seeds",
     "make_generators",
+    "IdentityPipelineMixin",
     "IdentitySD15Mixin",
 ]
 
@@ -49,6 +50,11 @@ DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    # DPM-Solver's singlestep "fast" method at order 3 (1, 2, 3, 1, 2, 3, ... evaluations per step), as FeedFace
+    "dpm++-3s": (
+        "DPMSolverSinglestepScheduler",
+        {"solver_order": 3, "algorithm_type": "dpmsolver++", "lower_order_final": True},
+    ),
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
@@ -132,37 +138,17 @@ class SamplingSettings:
     seeds: list[int]
 
 
-class IdentitySD15Mixin:
-    """Shared steps of the SD1.5-family identity pipelines (components: vae, text_encoder, tokenizer, unet,
-    scheduler, optional controlnet)."""
+class IdentityPipelineMixin:
+    """What every identity pipeline shares: the face analyzer (set by the user or built on first use), checked
+    sampling settings and the metadata that lets an image be made again."""
 
-    #: embedding the method needs from a face recognizer (None: any)
-    id_embedding_dim: int | None = 512
     face_analyzer: FaceAnalyzer | None = None
     face_model_dir: Path | None = None
     model_info: dict[str, Any]
 
-    # ---- identity --------------------------------------------------------------------------------------------
-
     def set_face_analyzer(self, analyzer: FaceAnalyzer | None) -> None:
-        """Use this analyzer for face inputs (by default an ONNX ArcFace analyzer is built on first use)."""
+        """Use this analyzer for face inputs (by default one is built on first use)."""
         self.face_analyzer = analyzer
-
-    def _get_face_analyzer(self) -> FaceAnalyzer:
-        if self.face_analyzer is None:
-            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
-
-            try:
-                folder = resolve_onnx_model_dir(self.face_model_dir)
-                find_onnx_models(folder)
-            except ModelFilesError as error:
-                raise ModelFilesError(
-                    f"{type(self).__name__} needs a 512-d ArcFace embedding from an ONNX recognizer: put "
-                    "scrfd_10g_bnkps.onnx (insightface antelopev2) and arcface.onnx (FoivosPar/Arc2Face) in "
-                    f"the model folder's antelopev2/ or pass face_model_dir. {error}"
-                ) from error
-            self.face_analyzer = FaceAnalyzer("onnx", "onnx", model_dir=folder)
-        return self.face_analyzer
 
     def photo_analyzer(self, *, dense_landmarks: bool = False) -> FaceAnalyzer:
         """The analyzer for methods conditioned on the photos themselves (no embedding): SCRFD when the ONNX models
@@ -179,6 +165,82 @@ class IdentitySD15Mixin:
             self.face_analyzer = FaceAnalyzer(
                 detector, None, model_dir=self.face_model_dir, crops=(), dense_landmarks=dense_landmarks
             )
+        return self.face_analyzer
+
+    def model_metadata(self) -> dict[str, Any]:
+        """``model_info`` with model files replaced by their sha256 (hashed once per process: UNets are GBs)."""
+        from ..outputs import file_sha256
+
+        info = dict(self.model_info)
+        files = info.pop("model_files", {})
+        if files:
+            info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
+        return info
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The UNet's native size where not given (diffusers' convention), checked."""
+        native = self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
+        height, width = height or native, width or native
+        for name, value in (("height", height), ("width", width)):
+            if value < 64 or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}")
+        return height, width
+
+    def sampling_settings(
+        self,
+        defaults: dict[str, Any],
+        *,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        scheduler: str | None,
+        height: int | None,
+        width: int | None,
+        seed: int | Sequence[int] | None,
+        num_images_per_prompt: int,
+    ) -> SamplingSettings:
+        """Fill the method's ``defaults`` (steps, guidance, scheduler) where not given, and check every value."""
+        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
+        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        if not np.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
+        name = scheduler or defaults["scheduler"]
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        height, width = self.default_size(height, width)
+        return SamplingSettings(steps, guidance, name, height, width, resolve_seeds(seed, num_images_per_prompt))
+
+    def base_metadata(self, **values: Any) -> dict[str, Any]:
+        meta = {"idfusion_version": __version__, **self.model_info}
+        meta.update({k: v for k, v in values.items() if v is not None})
+        return meta
+
+
+class IdentitySD15Mixin(IdentityPipelineMixin):
+    """Shared steps of the SD1.5-family identity pipelines (components: vae, text_encoder, tokenizer, unet,
+    scheduler, optional controlnet)."""
+
+    #: embedding the method needs from a face recognizer (None: any)
+    id_embedding_dim: int | None = 512
+    model_info: dict[str, Any]
+
+    # ---- identity --------------------------------------------------------------------------------------------
+
+    def _get_face_analyzer(self) -> FaceAnalyzer:
+        if self.face_analyzer is None:
+            from ..faces.onnx_backend import find_onnx_models, resolve_onnx_model_dir
+
+            try:
+                folder = resolve_onnx_model_dir(self.face_model_dir)
+                find_onnx_models(folder)
+            except ModelFilesError as error:
+                raise ModelFilesError(
+                    f"{type(self).__name__} needs a 512-d ArcFace embedding from an ONNX recognizer: put "
+                    "scrfd_10g_bnkps.onnx (insightface antelopev2) and arcface.onnx (FoivosPar/Arc2Face) in "
+                    f"the model folder's antelopev2/ or pass face_model_dir. {error}"
+                ) from error
+            self.face_analyzer = FaceAnalyzer("onnx", "onnx", model_dir=folder)
         return self.face_analyzer
 
     def prepare_id_embeds(
@@ -269,50 +331,6 @@ class IdentitySD15Mixin:
         elif self.get_list_adapters():
             self.disable_lora()
         return [{"name": str(path), "weight": float(weight)} for path, weight in loras]
-
-    def model_metadata(self) -> dict[str, Any]:
-        """``model_info`` with model files replaced by their sha256 (hashed once per process: UNets are GBs)."""
-        from ..outputs import file_sha256
-
-        info = dict(self.model_info)
-        files = info.pop("model_files", {})
-        if files:
-            info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
-        return info
-
-    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """The UNet's native size where not given (diffusers' convention), checked."""
-        native = self.unet.config.sample_size * (2 ** (len(self.vae.config.block_out_channels) - 1))
-        height, width = height or native, width or native
-        for name, value in (("height", height), ("width", width)):
-            if value < 64 or value % 8:
-                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}")
-        return height, width
-
-    def sampling_settings(
-        self,
-        defaults: dict[str, Any],
-        *,
-        num_inference_steps: int | None,
-        guidance_scale: float | None,
-        scheduler: str | None,
-        height: int | None,
-        width: int | None,
-        seed: int | Sequence[int] | None,
-        num_images_per_prompt: int,
-    ) -> SamplingSettings:
-        """Fill the method's ``defaults`` (steps, guidance, scheduler) where not given, and check every value."""
-        steps = defaults["num_inference_steps"] if num_inference_steps is None else int(num_inference_steps)
-        guidance = defaults["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
-        if not np.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance}")
-        name = scheduler or defaults["scheduler"]
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        height, width = self.default_size(height, width)
-        return SamplingSettings(steps, guidance, name, height, width, resolve_seeds(seed, num_images_per_prompt))
 
     def sample(
         self,
@@ -438,11 +456,6 @@ class IdentitySD15Mixin:
         runner.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         # The runner shares modules (and any offload hooks) with this pipeline; only the wrapper object is new.
         return runner(**kwargs).images
-
-    def base_metadata(self, **values: Any) -> dict[str, Any]:
-        meta = {"idfusion_version": __version__, **self.model_info}
-        meta.update({k: v for k, v in values.items() if v is not None})
-        return meta
 
 
 def file_key(path: Path) -> str:

@@ -96,6 +96,26 @@ Methods and the layouts they write (paths relative to the output folder):
         stable-diffusion-v1-5/...                 (the ``sd15`` layout; UNet with 2 layers per level, 16 sites)
         antelopev2/scrfd_10g_bnkps.onnx
         antelopev2/arcface.onnx
+        controlnet/...                            (OpenPose ControlNet)
+        dwpose/yolox_l.onnx, dwpose/dw-ll_ucoco_384.onnx
+
+``feedface``
+    The FeedFace release (Hub ``Xiang-cd/FeedFace``) on a tiny UniDiffuser-v1 (see
+    ``idfusion.testing.tiny_feedface_base`` and ``tiny_feedface_adapter``)::
+
+        models/uvit_v1.pth  models/autoencoder_kl.pth  models/caption_decoder.pth  models/gpt2/...
+        models/feed-4800000.pt
+        models/clip-vit-large-patch14/...         (the text encoder the release takes from the Hub)
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
+
+``feedface-sd15``
+    The FeedFace adapter for SD1.5 (no official release; idfusion's format) on a tiny SD1.5 base::
+
+        feedface_sd15.safetensors                 (face encoder + 16 feed blocks, zero_linear non-zero)
+        stable-diffusion-v1-5/...                 (the ``sd15`` layout)
+        antelopev2/scrfd_10g_bnkps.onnx
+        antelopev2/arcface.onnx
 
 Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
 folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
@@ -249,6 +269,42 @@ def write_fact(out_dir: Path, seed: int) -> list[Path]:
     return write(out_dir, seed)
 
 
+def write_feedface(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny FeedFace release on a tiny UniDiffuser-v1 (layout above)."""
+    from idfusion.methods.feedface import FEED_FILE
+    from idfusion.testing.tiny_feedface_adapter import write_feed_checkpoint
+    from idfusion.testing.tiny_feedface_base import TINY_UVIT_WIDTH, write_unidiffuser_base
+
+    files = write_unidiffuser_base(out_dir / "models", seed)
+    files.append(write_feed_checkpoint(out_dir / "models" / FEED_FILE, seed + 10, dim=TINY_UVIT_WIDTH))
+    (out_dir / "antelopev2").mkdir()
+    return sorted(files + write_antelopev2(out_dir / "antelopev2", seed))
+
+
+def write_feedface_sd15(out_dir: Path, seed: int) -> list[Path]:
+    """Write a tiny SD1.5 FeedFace adapter on a tiny SD1.5 base (layout above)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from idfusion.methods.feedface import SD15FeedAdapter, save_sd15_feed_adapter
+    from idfusion.pipelines.pipeline_feedface_sd15 import ADAPTER_FILE
+    from idfusion.testing.tiny_feedface_adapter import TINY_VISION_CONFIG
+
+    base = out_dir / "stable-diffusion-v1-5"
+    base.mkdir()
+    files = write_sd15(base, seed + 20)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.manual_seed(seed)
+    adapter = SD15FeedAdapter.for_unet(unet, face_dim=32, vision_config=TINY_VISION_CONFIG)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a "trained" adapter: zero_linear (zero-initialised) and the rest perturbed
+        for param in adapter.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    files.append(save_sd15_feed_adapter(adapter, out_dir / ADAPTER_FILE))
+    (out_dir / "antelopev2").mkdir()
+    return sorted(files + write_antelopev2(out_dir / "antelopev2", seed))
+
+
 MAKE_TINY: dict[str, Writer] = {
     "sd15": write_sd15,
     "antelopev2": write_antelopev2,
@@ -257,6 +313,8 @@ MAKE_TINY: dict[str, Writer] = {
     "flashface": write_flashface,
     "open-flashface": write_open_flashface,
     "fact": write_fact,
+    "feedface": write_feedface,
+    "feedface-sd15": write_feedface_sd15,
 }
 
 
