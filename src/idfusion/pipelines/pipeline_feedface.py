@@ -79,7 +79,7 @@ class FeedFacePipeline(IdentityPipelineMixin, DiffusionPipeline):
         local_files_only: bool | None = None,
         **kwargs,
     ) -> FeedFacePipeline:
-        """Load the FeedFace release: ``models/`` with ``uvit_v1.pth``, ``autoencoder_kl.pth``,
+        """Load the FeedFace release: ``models/`` (or the folder itself) with ``uvit_v1.pth``, ``autoencoder_kl.pth``,
         ``caption_decoder.pth``, ``gpt2/`` and ``feed-4800000.pt`` (Hub ``Xiang-cd/FeedFace`` or a local folder).
 
         Args:
@@ -95,10 +95,11 @@ class FeedFacePipeline(IdentityPipelineMixin, DiffusionPipeline):
         files = [ckpt.UVIT_FILE, ckpt.AUTOENCODER_FILE, ckpt.CAPTION_DECODER_FILE, f"{ckpt.GPT2_DIR}/config.json"]
         files.append(feedface.FEED_FILE)
         folder = resolve_model_folder(
-            pretrained_model_name_or_path, required=[f"{MODELS_FOLDER}/{f}" for f in files], what="FeedFace",
+            pretrained_model_name_or_path, required=[f"{MODELS_FOLDER}/{f}|{f}" for f in files], what="FeedFace",
             local_files_only=local_files_only,
         )  # fmt: skip
-        models = folder / MODELS_FOLDER
+        # the README's layout is models/...; a folder holding the files directly works too
+        models = folder / MODELS_FOLDER if (folder / MODELS_FOLDER / ckpt.UVIT_FILE).is_file() else folder
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
         unet = ckpt.load_uvit(models / ckpt.UVIT_FILE, **dtype)
         vae = ckpt.load_autoencoder(models / ckpt.AUTOENCODER_FILE, **dtype)
