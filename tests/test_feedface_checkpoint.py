@@ -270,7 +270,7 @@ def test_uvit_conversion_names_bad_keys(base_dir: Path) -> None:
 
 
 def test_load_errors_name_the_file(base_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelFilesError, match="uvit_v1.pth: U-ViT not found"):
+    with pytest.raises(ModelFilesError, match="uvit_v1.pth: U-ViT state dict not found"):
         ckpt.load_uvit(tmp_path / "uvit_v1.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFilesError, match="junk.pth: cannot be read"):

@@ -28,6 +28,7 @@ TorchScript archives are refused rather than handed to ``torch.jit.load``) and t
 from __future__ import annotations
 
 import collections
+import collections.abc
 import io
 import logging
 import os
@@ -500,3 +501,93 @@ def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
             if child is not None:
                 stack.append((f"{where}{name}.", child, (*ancestors, id(node))))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain tensor checkpoints
+
+
+def load_tensor_file(
+    path: str | os.PathLike[str], *, what: str = "checkpoint", hint: str = ""
+) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` dict from a ``.safetensors`` file or a ``torch.save`` file.
+
+    ``torch.save`` files are read with ``weights_only=True`` (memory-mapped when the zip format allows), so nothing
+    in them runs. ``what`` names the file in messages; ``hint`` says where to get it again.
+
+    Raises:
+        ModelFilesError: the file is missing, unreadable, or not a dict of tensors.
+    """
+    import torch
+
+    from .errors import ModelFilesError
+
+    path = Path(path)
+    suffix = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: {what} not found.{suffix}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFilesError(f"{path}: cannot be read as a {what} (a dict of tensors): {first}.{suffix}") from error
+    if not isinstance(state, collections.abc.Mapping):
+        raise ModelFilesError(f"{path}: expected a {what} (a dict of tensors), found {type(state).__name__}")
+    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ModelFilesError(f"{path}: expected a dict of tensors, but entry {bad[0]!r} is a {type(bad[1]).__name__}")
+    return dict(state)
+
+
+def format_keys(keys, limit: int = 8) -> str:
+    """Sorted key names for messages, the first ``limit`` of them."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(
+    expected: collections.abc.Mapping[str, torch.Tensor],
+    state: collections.abc.Mapping[str, torch.Tensor],
+    what: str,
+    optional: frozenset[str] | set[str] = frozenset(),
+) -> None:
+    """Raise a ``ValueError`` naming every unexpected, missing (not ``optional``) or mis-shaped key of ``state``."""
+    unexpected = set(state) - set(expected)
+    missing = set(expected) - set(state) - set(optional)
+    if unexpected or missing:
+        parts = [f"unexpected keys: {format_keys(unexpected)}"] if unexpected else []
+        parts += [f"missing keys: {format_keys(missing)}"] if missing else []
+        raise ValueError(f"{what}: " + "; ".join(parts))
+    wrong = [
+        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{what}: shape mismatch: {format_keys(wrong)}")
+
+
+def rebuild_position_ids(module: torch.nn.Module) -> None:
+    """Recompute the ``position_ids`` buffers a meta-device build leaves empty (transformers' CLIP embeddings keep
+    them non-persistent, so checkpoints do not fill them); any other buffer still on ``meta`` is an error."""
+    import torch
+
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        if attr != "position_ids":
+            raise ValueError(f"buffer {name} was not filled by the checkpoint")
+        owner = module.get_submodule(owner_name)
+        persistent = attr not in owner._non_persistent_buffers_set
+        owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=persistent)

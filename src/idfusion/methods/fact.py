@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..serialization import check_state_dict, format_keys, load_tensor_file
+
 __all__ = [
     "ADAPTER_FILES",
     "TRANSFACE_FILE",
@@ -44,7 +46,6 @@ __all__ = [
     "set_num_face_tokens",
     "load_fact_adapter",
     "load_transface",
-    "load_state_dict_file",
     "preprocess_transface",
     "face_crop",
     "encode_face_tokens",
@@ -656,54 +657,9 @@ def attach_text_only_processors(controlnet: nn.Module, num_face_tokens: int = TO
 # Loading
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A flat tensor dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only``)."""
-    from idfusion.errors import ModelFilesError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors")
-    return dict(state)
-
-
-def _names(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _check_state(
-    expected: Mapping[str, torch.Tensor],
-    state: Mapping[str, torch.Tensor],
-    what: str,
-    optional: frozenset[str] | set[str] = frozenset(),
-) -> None:
-    """Raise a ValueError naming every unexpected, missing (not ``optional``) or mis-shaped key."""
-    unexpected = set(state) - set(expected)
-    missing = set(expected) - set(state) - set(optional)
-    if unexpected or missing:
-        parts = [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
-        parts += [f"missing keys: {_names(missing)}"] if missing else []
-        raise ValueError(f"{what}: " + "; ".join(parts))
-    wrong = [
-        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
-        for k, v in state.items()
-        if v.shape != expected[k].shape
-    ]
-    if wrong:
-        raise ValueError(f"{what}: shape mismatch: {_names(wrong)}")
-
-
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     expected = module.state_dict()
-    _check_state(expected, state, what)
+    check_state_dict(expected, state, what)
     module.load_state_dict(state, strict=True, assign=any(v.is_meta for v in expected.values()))
 
 
@@ -733,7 +689,7 @@ def load_fact_adapter(
     if isinstance(path_or_state_dict, Mapping):
         state = dict(path_or_state_dict)
     else:
-        state = load_state_dict_file(path_or_state_dict)
+        state = load_tensor_file(path_or_state_dict, what="FACT adapter checkpoint")
     resampler_state = {k[len(RESAMPLER_PREFIX) :]: v for k, v in state.items() if k.startswith(RESAMPLER_PREFIX)}
     adapter_state = {k: v for k, v in state.items() if not k.startswith(RESAMPLER_PREFIX)}
     if not resampler_state:
@@ -744,7 +700,7 @@ def load_fact_adapter(
 
     stray = [k for k in adapter_state if _PROCESSOR_INFIX not in k]
     if stray:
-        raise ValueError(f"FACT adapter checkpoint: unexpected keys: {_names(stray)}")
+        raise ValueError(f"FACT adapter checkpoint: unexpected keys: {format_keys(stray)}")
     width = resampler_state["proj_out.weight"].shape[0]
     processors = attach_face_adapter(unet, cross_attention_dim=width)
     try:
@@ -754,7 +710,7 @@ def load_fact_adapter(
             for key, value in processor.state_dict().items()
         }
         optional = {f"{site}{_PROCESSOR_INFIX}ln.{n}" for site in processors for n in ("weight", "bias")}
-        _check_state(expected, adapter_state, "FACT adapter processors (*.attn2.processor.*)", optional)
+        check_state_dict(expected, adapter_state, "FACT adapter processors (*.attn2.processor.*)", optional)
         for site, processor in processors.items():
             prefix = f"{site}{_PROCESSOR_INFIX}"
             own = {k[len(prefix) :]: v for k, v in adapter_state.items() if k.startswith(prefix)}
@@ -773,7 +729,7 @@ def load_transface(path: str | os.PathLike[str], *, num_heads: int = 8) -> Trans
     Raises:
         ValueError: unexpected, missing or mis-shaped keys (named in the message).
     """
-    state = load_state_dict_file(path)
+    state = load_tensor_file(path, what="TransFace state dict")
     model = TransFaceViT(**TransFaceViT.config_from_state_dict(state, num_heads=num_heads))
     _load_strict(model, state, f"TransFace ({Path(path).name})")
     return model.eval()

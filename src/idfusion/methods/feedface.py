@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..serialization import check_state_dict, load_tensor_file, rebuild_position_ids
+
 __all__ = [
     "FEED_FILE",
     "UVIT_BLOCK_NAMES",
@@ -61,7 +63,6 @@ __all__ = [
     "face_crop",
     "preprocess_faces",
     "load_feed_adapter",
-    "load_state_dict_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -786,51 +787,6 @@ def preprocess_faces(crops: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
 # Loading
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A flat tensor dict from a ``.safetensors`` file or a ``torch.save`` file (loaded with ``weights_only``)."""
-    from idfusion.errors import ModelFilesError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat dict of tensors")
-    return dict(state)
-
-
-def _names(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _check_state(
-    expected: Mapping[str, torch.Tensor],
-    state: Mapping[str, torch.Tensor],
-    what: str,
-    optional: frozenset[str] | set[str] = frozenset(),
-) -> None:
-    """Raise a ValueError naming every unexpected, missing (not ``optional``) or mis-shaped key."""
-    unexpected = set(state) - set(expected)
-    missing = set(expected) - set(state) - set(optional)
-    if unexpected or missing:
-        parts = [f"unexpected keys: {_names(unexpected)}"] if unexpected else []
-        parts += [f"missing keys: {_names(missing)}"] if missing else []
-        raise ValueError(f"{what}: " + "; ".join(parts))
-    wrong = [
-        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
-        for k, v in state.items()
-        if v.shape != expected[k].shape
-    ]
-    if wrong:
-        raise ValueError(f"{what}: shape mismatch: {_names(wrong)}")
-
-
 def _vision_config_from_state(state: Mapping[str, torch.Tensor], num_heads: int | None) -> dict[str, Any]:
     """CLIP vision-config overrides read from ``preprocess_module.clip_model.vision_model.*`` shapes."""
     prefix = _CLIP_PREFIX + "vision_model."
@@ -865,23 +821,9 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
         logger.debug("%s: dropping the stale %s (non-persistent in this transformers)", what, POSITION_IDS_KEY)
         state = {k: v for k, v in state.items() if k not in stale}
     # a transformers version with a persistent buffer can rebuild it: not a weight
-    _check_state(expected, state, what, optional={POSITION_IDS_KEY})
+    check_state_dict(expected, state, what, optional={POSITION_IDS_KEY})
     module.load_state_dict(state, strict=False, assign=True)  # keys checked above
-    _materialize_buffers(module)
-
-
-def _materialize_buffers(module: nn.Module) -> None:
-    """Rebuild the buffers a checkpoint does not carry (CLIP's ``embeddings.position_ids``) after a meta build."""
-    for name, buffer in list(module.named_buffers()):
-        if not buffer.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        if attr != "position_ids":
-            raise ValueError(f"buffer {name} was not filled by the checkpoint")
-        owner = module.get_submodule(owner_name)
-        persistent = attr not in owner._non_persistent_buffers_set
-        positions = torch.arange(buffer.shape[-1]).expand(buffer.shape)  # (1, tokens)
-        owner.register_buffer(attr, positions, persistent=persistent)
+    rebuild_position_ids(module)
 
 
 def _cast(module: nn.Module, dtype: torch.dtype | None) -> None:
@@ -921,7 +863,10 @@ def load_feed_adapter(
     if isinstance(path_or_state, Mapping):
         state, what = dict(path_or_state), "FeedFace adapter"
     else:
-        state, what = load_state_dict_file(path_or_state), f"FeedFace adapter ({Path(path_or_state).name})"
+        state, what = (
+            load_tensor_file(path_or_state, what="FeedFace adapter checkpoint"),
+            f"FeedFace adapter ({Path(path_or_state).name})",
+        )
     try:
         dim = state["preprocess_module.project_layer.weight"].shape[0]
     except KeyError:
@@ -966,7 +911,7 @@ def load_sd15_feed_adapter(
         state, what = dict(path_or_state), "SD1.5 feed adapter"
     else:
         path = Path(path_or_state)
-        state, what = load_state_dict_file(path), f"SD1.5 feed adapter ({path.name})"
+        state, what = load_tensor_file(path, what="SD1.5 feed adapter"), f"SD1.5 feed adapter ({path.name})"
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 

@@ -60,14 +60,13 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFilesError
+from ..serialization import load_tensor_file
 
 if TYPE_CHECKING:
     import torch
@@ -115,6 +114,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UVIT_FILE = "uvit_v1.pth"
+_HINT = "Put the official file there (models/ of Hugging Face Xiang-cd/FeedFace)."
 AUTOENCODER_FILE = "autoencoder_kl.pth"
 CAPTION_DECODER_FILE = "caption_decoder.pth"
 GPT2_DIR = "gpt2"
@@ -240,32 +240,6 @@ def text_decoder_config(**overrides: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _torch_load(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` of a plain tensor dict, memory-mapped when the file format allows."""
-    import torch
-
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: {what} not found; put the official FeedFace/UniDiffuser file there")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFilesError(f"{path}: cannot be read as a {what} state dict ({first})") from error
-    if not isinstance(state, Mapping):
-        raise ModelFilesError(
-            f"{path}: expected a {what} state dict (a dict of tensors), found {type(state).__name__}"
-        )
-    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ModelFilesError(f"{path}: expected a dict of tensors, but entry {bad[0]!r} is a {type(bad[1]).__name__}")
-    return dict(state)
 
 
 def _listing(keys: set[str] | list[str], limit: int = 12) -> str:
@@ -631,7 +605,7 @@ def load_uvit(
     from diffusers import UniDiffuserModel
 
     path = Path(path)
-    state = _torch_load(path, "U-ViT")
+    state = load_tensor_file(path, what="U-ViT state dict", hint=_HINT)
     try:
         config = infer_uvit_config(state, num_attention_heads=num_attention_heads)
         converted = convert_uvit_state_dict(state, config)
@@ -813,7 +787,7 @@ def load_autoencoder(
     from diffusers import AutoencoderKL
 
     path = Path(path)
-    state = _torch_load(path, "autoencoder")
+    state = load_tensor_file(path, what="autoencoder state dict", hint=_HINT)
     try:
         config = infer_autoencoder_config(state)
         converted = convert_autoencoder_state_dict(state, config)
@@ -1027,7 +1001,7 @@ def load_text_decoder(
     from diffusers import UniDiffuserTextDecoder
 
     path = Path(path)
-    state = _torch_load(path, "caption decoder")
+    state = load_tensor_file(path, what="caption decoder state dict", hint=_HINT)
     gpt2_config = _read_gpt2_config(Path(gpt2_folder)) if gpt2_folder is not None else None
     try:
         config = infer_text_decoder_config(_strip_module(state), gpt2_config)

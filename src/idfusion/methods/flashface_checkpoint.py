@@ -60,11 +60,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ModelFilesError
+from ..serialization import load_tensor_file, rebuild_position_ids
 from .flashface import OFFICIAL, OPEN, FlashFaceVariant, build_flashface_models
 
 if TYPE_CHECKING:
@@ -118,6 +117,7 @@ VAE_FILE = "sd-v1-vae.pth"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 OFFICIAL_FILES = (CHECKPOINT_FILE, CLIP_FILE, VAE_FILE, BPE_FILE)
 OFFICIAL_REPO = "shilongz/FlashFace-SD1.5"
+_DOWNLOAD_HINT = f"The official FlashFace files are state dicts of tensors; download it again from https://huggingface.co/{OFFICIAL_REPO}"
 MARKER_FILE = "flashface.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -1075,49 +1075,12 @@ def flashface_scheduler_config(variant: FlashFaceVariant = OFFICIAL) -> dict[str
     }
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` of a plain tensor dict, memory-mapped when the file format allows."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFilesError(
-            f"{path}: cannot be read as a plain tensor checkpoint ({first}). The official FlashFace files are "
-            f"state dicts of tensors; download it again from https://huggingface.co/{OFFICIAL_REPO}"
-        ) from error
-    if not isinstance(state, Mapping):
-        raise ModelFilesError(f"{path}: expected a state dict (a dict of tensors), found {type(state).__name__}")
-    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise ModelFilesError(
-            f"{path}: expected a state dict of tensors, but entry {bad[0]!r} is a {type(bad[1]).__name__}"
-        )
-    return dict(state)
-
-
 def _missing_files_error(folder: Path, missing: list[str]) -> ModelFilesError:
     return ModelFilesError(
         f"{folder}: FlashFace files missing: {', '.join(missing)}. The official release needs "
         f"{', '.join(OFFICIAL_FILES)} in one folder: download them from https://huggingface.co/{OFFICIAL_REPO} "
         "(or use the FlashFace repo's cache/ folder) and give that folder"
     )
-
-
-def _position_ids_fix(model: nn.Module) -> None:
-    """Non-persistent ``position_ids`` buffers left on the meta device by a meta build: recompute them."""
-    for name, buffer in list(model.named_buffers()):
-        if not buffer.is_meta:
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        if attr != "position_ids":
-            raise RuntimeError(f"buffer {name} is still on the meta device")
-        owner = model.get_submodule(owner_name)
-        owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
 def _build_text_encoder(config: Mapping[str, Any], nested_state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
@@ -1128,7 +1091,7 @@ def _build_text_encoder(config: Mapping[str, Any], nested_state: Mapping[str, to
     # The model's own key names (flat under transformers 5) for the nested official ones, in state-dict order.
     names = dict(zip(official_state_dict(model), model.state_dict(), strict=True))
     model.load_state_dict({names[k]: v for k, v in nested_state.items()}, strict=True, assign=True)
-    _position_ids_fix(model)
+    rebuild_position_ids(model)
     return model.eval()
 
 
@@ -1188,7 +1151,7 @@ def load_official_flashface(folder: str | os.PathLike[str], *, torch_dtype: torc
     if missing:
         raise _missing_files_error(root, missing)
 
-    unet_state = _torch_load(root / CHECKPOINT_FILE)
+    unet_state = load_tensor_file(root / CHECKPOINT_FILE, what="FlashFace state dict", hint=_DOWNLOAD_HINT)
     config = infer_unet_config(unet_state)
     with torch.device("meta"):
         unet, refnet = build_flashface_models(config, OFFICIAL)
@@ -1196,12 +1159,12 @@ def load_official_flashface(folder: str | os.PathLike[str], *, torch_dtype: torc
     del unet_state
     logger.info("%s: %s", CHECKPOINT_FILE, report)
 
-    clip_state = _torch_load(root / CLIP_FILE)
+    clip_state = load_tensor_file(root / CLIP_FILE, what="FlashFace state dict", hint=_DOWNLOAD_HINT)
     text_state = convert_flashface_text_encoder(clip_state)
     text_encoder = _build_text_encoder(infer_text_encoder_config(clip_state), text_state)
     del clip_state, text_state
 
-    vae_state = _torch_load(root / VAE_FILE)
+    vae_state = load_tensor_file(root / VAE_FILE, what="FlashFace state dict", hint=_DOWNLOAD_HINT)
     vae = _build_vae(infer_vae_config(vae_state), convert_flashface_vae(vae_state))
 
     parts = {

@@ -167,6 +167,21 @@ class IdentityPipelineMixin:
             )
         return self.face_analyzer
 
+    def photo_faces(
+        self, faces: Sequence[FaceInput], *, dense_landmarks: bool = False
+    ) -> list[tuple[np.ndarray, Face]]:
+        """``(RGB array, largest face)`` of each photo, for methods that crop the photos themselves."""
+        from ..images import load_image
+
+        found = []
+        for item in faces:
+            if isinstance(item, Face):
+                raise IdentityInputError(f"{item.source}: {type(self).__name__} needs the photo itself, not a Face")
+            loaded = load_image(item)
+            analyzer = self.photo_analyzer(dense_landmarks=dense_landmarks)
+            found.append((loaded.array, analyzer.get(loaded.array, name=loaded.name)))
+        return found
+
     def model_metadata(self) -> dict[str, Any]:
         """``model_info`` with model files replaced by their sha256 (hashed once per process: UNets are GBs)."""
         from ..outputs import file_sha256

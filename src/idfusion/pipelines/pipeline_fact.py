@@ -235,15 +235,8 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         """The head-masked 112x112 aligned crop of the largest face of each photo (spec §2.1)."""
         from ..faces.masks import head_mask
 
-        crops = []
-        for item in faces:
-            if isinstance(item, Face):
-                raise IdentityInputError(f"{item.source}: FACT needs the photo itself, not a Face record")
-            loaded = load_image(item)
-            face = self.photo_analyzer(dense_landmarks=True).get(loaded.array, name=loaded.name)
-            mask = head_mask(face, loaded.array.shape[:2])
-            crops.append(fact.face_crop(loaded.array, face.landmarks, mask))
-        return crops
+        found = self.photo_faces(faces, dense_landmarks=True)
+        return [fact.face_crop(image, face.landmarks, head_mask(face, image.shape[:2])) for image, face in found]
 
     @torch.no_grad()
     def encode_faces(self, faces: Sequence[FaceInput] | FaceInput) -> FaceTokens:

@@ -22,9 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..errors import IdfusionError, ModelFilesError
-from ..faces import Face
 from ..hub import resolve_model_folder
-from ..images import load_image
 from ..methods import feedface
 from ..methods import feedface_checkpoint as ckpt
 from .common import (
@@ -36,7 +34,7 @@ from .common import (
     make_scheduler,
 )
 
-__all__ = ["FeedFacePipeline", "MODEL_ID", "TEXT_ENCODER_ID", "FACE_MODES"]
+__all__ = ["FeedFacePipeline", "FeedFaceMixin", "MODEL_ID", "TEXT_ENCODER_ID", "FACE_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +45,46 @@ FACE_MODES = ("cat", "mean")
 MODELS_FOLDER = "models"
 
 
-class FeedFacePipeline(IdentityPipelineMixin, DiffusionPipeline):
+class FeedFaceMixin:
+    """What both FeedFace pipelines share: the feed adapter follows the denoiser (``unet``) across devices and
+    dtypes; faces become the release's 224 crops and then face tokens, once per call."""
+
+    feed = None
+
+    def to(self, *args, **kwargs):
+        """Move the pipeline; the feed adapter follows the denoiser's device and dtype."""
+        result = super().to(*args, **kwargs)
+        if self.feed is not None:
+            self.feed.to(device=self.unet.device, dtype=self.unet.dtype)
+        return result
+
+    def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
+        """The release's 224 crop around the largest face of each photo (square of 1.1x the box, no alignment)."""
+        return [feedface.face_crop(image, face.bbox) for image, face in self.photo_faces(faces)]
+
+    @torch.no_grad()
+    def encode_faces(self, faces: Sequence[FaceInput] | FaceInput, mode: str = "cat") -> tuple[torch.Tensor, list]:
+        """Face tokens of one generation (computed once, used by every step and block) and the crops.
+
+        ``"cat"`` concatenates the tokens of the first 5 photos (the release's default); ``"mean"`` averages the
+        tokens of all photos, which blends identities.
+        """
+        if mode not in FACE_MODES:
+            raise ValueError(f"face mode must be one of {', '.join(FACE_MODES)}, got {mode!r}")
+        if not isinstance(faces, (list, tuple)):
+            faces = [faces]
+        if not faces:
+            raise IdentityInputError("faces is empty: give at least one face photo")
+        if mode == "cat" and len(faces) > feedface.MAX_CAT_FACES:
+            logger.warning(
+                "FeedFace's cat mode uses the first %d photos; %d given", feedface.MAX_CAT_FACES, len(faces)
+            )
+        crops = self.face_crops(faces)
+        pixels = feedface.preprocess_faces(np.stack(crops)).to(self.unet.device, self.unet.dtype)
+        return self.feed.encode_faces(pixels, mode=mode), crops
+
+
+class FeedFacePipeline(FeedFaceMixin, IdentityPipelineMixin, DiffusionPipeline):
     """FeedFace text-to-image on UniDiffuser-v1.
 
     Components: ``vae``, ``text_encoder`` (CLIP ViT-L/14), ``tokenizer``, ``text_decoder`` (UniDiffuser's caption
@@ -140,46 +177,7 @@ class FeedFacePipeline(IdentityPipelineMixin, DiffusionPipeline):
         self.feed.to(device=self.unet.device, dtype=self.unet.dtype)
         self._feed_handle = self.feed.attach(self.unet)
 
-    def to(self, *args, **kwargs):
-        """Move the pipeline; the feed adapter follows the U-ViT's device and dtype."""
-        result = super().to(*args, **kwargs)
-        if self.feed is not None:
-            self.feed.to(device=self.unet.device, dtype=self.unet.dtype)
-        return result
-
     # ---- conditioning ----------------------------------------------------------------------------------------
-
-    def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
-        """The release's 224 crop around the largest face of each photo (square of 1.1x the box, no alignment)."""
-        crops = []
-        for item in faces:
-            if isinstance(item, Face):
-                raise IdentityInputError(f"{item.source}: FeedFace needs the photo itself, not a Face record")
-            loaded = load_image(item)
-            face = self.photo_analyzer().get(loaded.array, name=loaded.name)
-            crops.append(feedface.face_crop(loaded.array, face.bbox))
-        return crops
-
-    @torch.no_grad()
-    def encode_faces(self, faces: Sequence[FaceInput] | FaceInput, mode: str = "cat") -> tuple[torch.Tensor, list]:
-        """Face tokens of one generation (computed once, used by every step and block) and the crops.
-
-        ``"cat"`` concatenates the tokens of the first 5 photos (the release's default); ``"mean"`` averages the
-        tokens of all photos, which blends identities.
-        """
-        if mode not in FACE_MODES:
-            raise ValueError(f"face mode must be one of {', '.join(FACE_MODES)}, got {mode!r}")
-        if not isinstance(faces, (list, tuple)):
-            faces = [faces]
-        if not faces:
-            raise IdentityInputError("faces is empty: give at least one face photo")
-        if mode == "cat" and len(faces) > feedface.MAX_CAT_FACES:
-            logger.warning(
-                "FeedFace's cat mode uses the first %d photos; %d given", feedface.MAX_CAT_FACES, len(faces)
-            )
-        crops = self.face_crops(faces)
-        pixels = feedface.preprocess_faces(np.stack(crops)).to(self.unet.device, self.unet.dtype)
-        return self.feed.encode_faces(pixels, mode=mode), crops
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -19,12 +19,11 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ..errors import ModelFilesError
-from ..faces import Face
 from ..hub import resolve_model_folder
-from ..images import load_image
 from ..layers import encode_text
 from ..methods import feedface
 from .common import FaceInput, IdentityInputError, IdentityPipelineOutput, IdentitySD15Mixin
+from .pipeline_feedface import FeedFaceMixin
 
 __all__ = ["FeedFaceSD15Pipeline", "ADAPTER_FILE", "DEFAULTS"]
 
@@ -37,7 +36,7 @@ DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 6.0, "scheduler": "dpm+
 BASE_REQUIRED_FILES = ("model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json")
 
 
-class FeedFaceSD15Pipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class FeedFaceSD15Pipeline(FeedFaceMixin, IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """FeedFace on SD1.5: components ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``, plus
     :attr:`feed` (an :class:`~idfusion.methods.feedface.SD15FeedAdapter` attached to the UNet's ``attn2``)."""
 
@@ -110,24 +109,6 @@ class FeedFaceSD15Pipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusion
         pipe.face_model_dir = Path(face_model_dir) if face_model_dir else (faces if faces.is_dir() else None)
         return pipe
 
-    def to(self, *args, **kwargs):
-        """Move the pipeline; the feed adapter follows the UNet's device and dtype."""
-        result = super().to(*args, **kwargs)
-        if self.feed is not None:
-            self.feed.to(device=self.unet.device, dtype=self.unet.dtype)
-        return result
-
-    def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
-        """The release's 224 crop around the largest face of each photo."""
-        crops = []
-        for item in faces:
-            if isinstance(item, Face):
-                raise IdentityInputError(f"{item.source}: FeedFace needs the photo itself, not a Face record")
-            loaded = load_image(item)
-            face = self.photo_analyzer().get(loaded.array, name=loaded.name)
-            crops.append(feedface.face_crop(loaded.array, face.bbox))
-        return crops
-
     @torch.no_grad()
     def __call__(
         self,
@@ -167,12 +148,7 @@ class FeedFaceSD15Pipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusion
         # 1. Face tokens once per call
         crops: list = []
         if face_tokens is None:
-            faces = list(faces) if isinstance(faces, (list, tuple)) else [faces]
-            if not faces:
-                raise IdentityInputError("faces is empty: give at least one face photo")
-            crops = self.face_crops(faces)
-            pixels = feedface.preprocess_faces(np.stack(crops)).to(self.unet.device, self.unet.dtype)
-            face_tokens = self.feed.encode_faces(pixels, mode=face_mode)
+            face_tokens, crops = self.encode_faces(faces, face_mode)
         self.feed.set_face_tokens(face_tokens.to(self.unet.device, self.unet.dtype))
 
         # 2. Adapter on in the conditional rows only: diffusers batches CFG as [negative, positive]
