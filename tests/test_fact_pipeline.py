@@ -328,3 +328,26 @@ def test_both_official_adapters_load_and_a_custom_base_is_used(pipe, release, tm
     assert custom.model_info["base_model"] == str(base)
     with pytest.raises(Exception, match="adapter"):
         FactPipeline.from_pretrained(release, adapter=tmp_path / "missing.ckpt", local_files_only=True)
+
+
+def test_pose_from_a_photo_uses_the_estimator_and_the_template_can_keep_its_pose(pipe, obama_tokens, faces_dir):
+    photo = faces_dir / "group_six_faces.jpg"
+    skeleton = pipe.pose_condition(photo, 64, 64)  # auto: a photo, so DWPose (the release's tiny dwpose/) runs
+    pixels = np.asarray(skeleton)
+    assert skeleton.size == (64, 64) and (pixels.max(axis=-1) < 16).mean() > 0.5  # drawn lines on black
+    out = pipe.template_portraits(faces_dir / "obama.jpg", face_tokens=obama_tokens, use_pose=True, seed=0,
+                                  num_inference_steps=2)  # fmt: skip
+    plain = pipe.template_portraits(faces_dir / "obama.jpg", face_tokens=obama_tokens, seed=0, num_inference_steps=2)
+    assert out.images[0].size == plain.images[0].size
+    assert np.abs(np.asarray(out.images[0], float) - np.asarray(plain.images[0], float)).max() > 0
+    assert out.metadata[0]["pose"] == "skeleton"
+
+
+def test_pose_from_a_photo_without_the_estimator_names_its_files(pipe, faces_dir, tmp_path, monkeypatch):
+    from idfusion.errors import ModelFilesError
+
+    monkeypatch.setattr(pipe, "pose_model_dir", tmp_path)
+    monkeypatch.setattr(pipe, "_pose_estimator", None)
+    with pytest.raises(ModelFilesError, match="yolox_l.onnx"):
+        pipe.pose_condition(faces_dir / "obama.jpg", 64, 64)
+    assert pipe.pose_condition(_skeleton(), 64, 64).size == (64, 64)  # a ready skeleton needs no estimator
