@@ -291,11 +291,12 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         """A skeleton image for the OpenPose ControlNet: a ready skeleton as given, or estimated from a photo."""
         from ..pose import looks_like_skeleton, pose_condition
 
-        estimator = None
-        if mode == "photo" or (mode == "auto" and not looks_like_skeleton(pose_image)):
-            estimator = self.pose_estimator()  # a photo: the estimator's weights must be there
-        mode = "photo" if estimator is not None else "skeleton" if mode == "auto" else mode
-        return pose_condition(pose_image, (height, width), estimator=estimator, mode=mode)
+        loaded = load_image(pose_image)  # once, for both the skeleton test and the condition
+        if mode == "auto":
+            mode = "skeleton" if looks_like_skeleton(loaded) else "photo"
+        # a photo needs this pipeline's estimator (its weights must be there); a skeleton needs none
+        estimator = self.pose_estimator() if mode == "photo" else None
+        return pose_condition(loaded, (height, width), estimator=estimator, mode=mode)
 
     # ---- call ------------------------------------------------------------------------------------------------
 
@@ -482,10 +483,11 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         """
         from ..outputs import file_sha256
         from .common import resolve_seeds
-        from .template import TemplatePortrait
+        from .template import TemplatePortrait, check_face_index
 
         if not 1 <= num_images <= fact.MAX_IMAGES:
             raise ValueError(f"num_images must be 1 to {fact.MAX_IMAGES}, got {num_images}")
+        check_face_index(face_index)
         if (faces is None) == (face_tokens is None):
             raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
         identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
@@ -493,39 +495,47 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         size = self.default_size(None, None)[0]
         control_hooks = dict(hooks.pop("control_hooks", None) or {})
         if use_pose:
+            import hashlib
+
+            from ..pose import pose_condition
+
             estimator = self.pose_estimator()
+            skeletons: dict[bytes, PIL.Image.Image] = {}  # a face's crop is the same for every seed: estimate once
 
             def pose_hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
-                from ..pose import pose_condition
-
-                return pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
+                key = hashlib.sha1(crop.tobytes()).digest()
+                if key not in skeletons:
+                    skeletons[key] = pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
+                return skeletons[key]
 
             control_hooks["pose"] = pose_hook
         hooks.setdefault("analyzer", self.photo_analyzer(dense_landmarks=True))
-        images, metadata = [], []
-        for current in resolve_seeds(seed, num_images):
-            calls: list[dict] = []
 
-            def inpaint(crop, current=current, calls=calls) -> PIL.Image.Image:
-                out = self(
-                    face_tokens=identity, prompt=prompt if prompt is not None else fact.TEMPLATE_PROMPT,
-                    negative_prompt=negative_prompt, adapter_scale=adapter_scale, image=crop.image,
-                    mask_image=crop.mask_image, strength=strength, seed=current,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                    height=size, width=size, pose_image=crop.control_images.get("pose"), pose_mode="skeleton",
-                )  # fmt: skip
-                calls.append(out.metadata[0])
-                return out.images[0]
+        calls: list[dict] = []  # each inpainting call's metadata, for the current result
+        current = {"seed": 0}
 
-            flow = TemplatePortrait(inpaint, control_hooks=control_hooks, work_size=size, **hooks)
-            result = flow(template, face_index=face_index)
-            images.append(result.image)
-            meta = dict(calls[-1])
-            meta.update(
-                template=str(template) if from_file else "<image>", face_index=face_index, faces_repainted=len(calls), width=result.image.width,
-                height=result.image.height, crop_size=size,
+        def inpaint(crop) -> PIL.Image.Image:
+            out = self(
+                face_tokens=identity, prompt=prompt if prompt is not None else fact.TEMPLATE_PROMPT,
+                negative_prompt=negative_prompt, adapter_scale=adapter_scale, image=crop.image,
+                mask_image=crop.mask_image, strength=strength, seed=current["seed"],
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                height=size, width=size, pose_image=crop.control_images.get("pose"), pose_mode="skeleton",
             )  # fmt: skip
-            if from_file:
-                meta["template_sha256"] = file_sha256(template)
-            metadata.append(meta)
+            calls.append(out.metadata[0])
+            return out.images[0]
+
+        flow = TemplatePortrait(inpaint, control_hooks=control_hooks, work_size=size, **hooks)
+        loaded, found = flow.find_faces(template)  # once for every result
+        shared = {"template": str(template) if from_file else "<image>", "face_index": face_index}
+        if from_file:
+            shared["template_sha256"] = file_sha256(template)
+        images, metadata = [], []
+        for image_seed in resolve_seeds(seed, num_images):
+            current["seed"] = image_seed
+            calls.clear()
+            result = flow.repaint(loaded, found, face_index)
+            images.append(result.image)
+            size_meta = {"width": result.image.width, "height": result.image.height, "crop_size": size}
+            metadata.append({**calls[-1], **shared, "faces_repainted": len(calls), **size_meta})
         return IdentityPipelineOutput(images=images, metadata=metadata, references=identity.references)

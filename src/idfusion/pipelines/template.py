@@ -34,7 +34,7 @@ from ..errors import FaceIndexError, NoFaceError
 from ..faces.analyzer import FaceAnalyzer
 from ..faces.masks import face_mask, feather
 from ..faces.types import Face
-from ..images import ImageInput, load_image
+from ..images import ImageInput, LoadedImage, load_image
 
 __all__ = [
     "Box",
@@ -52,6 +52,7 @@ __all__ = [
     "inpaint_mask",
     "canny_condition",
     "default_feather_px",
+    "check_face_index",
 ]
 
 logger = logging.getLogger(__name__)
@@ -340,6 +341,12 @@ def default_feather_px(work_size: int) -> int:
     return int(math.floor(1.8 * 10.0 * work_size / 512))
 
 
+def check_face_index(face_index: int | str) -> None:
+    """Raise ``ValueError`` unless ``face_index`` is ``"all"`` or an integer."""
+    if face_index != "all" and (isinstance(face_index, bool) or not isinstance(face_index, (int, np.integer))):
+        raise ValueError(f"face_index must be 'all' or an integer, got {face_index!r}")
+
+
 class TemplatePortrait:
     """Repaint one or all faces of a template photo with any inpainting callable.
 
@@ -444,6 +451,16 @@ class TemplatePortrait:
         pasted = paste_back(current, np.asarray(result.convert("RGB")), box, alpha)
         return pasted, box, place_mask(alpha, box, current.shape[:2])
 
+    def find_faces(self, template: ImageInput) -> tuple[LoadedImage, list[Face]]:
+        """Load the template (EXIF orientation applied; a file is only read) and detect its faces.
+
+        Raises:
+            ImageError: the template cannot be read.
+            NoFaceError: the template has no face.
+        """
+        loaded = load_image(template, max_pixels=self.analyzer.max_pixels)
+        return loaded, self._find_faces(loaded.array, loaded.name)
+
     def __call__(self, template: ImageInput, face_index: int | str = 0) -> TemplateResult:
         """Repaint the template's face ``face_index`` (counted from the left from 0) or ``"all"`` of them.
 
@@ -459,11 +476,15 @@ class TemplatePortrait:
             NoFaceError: the template has no face.
             FaceIndexError: ``face_index`` is out of range.
         """
-        if face_index != "all" and (isinstance(face_index, bool) or not isinstance(face_index, (int, np.integer))):
-            raise ValueError(f"face_index must be 'all' or an integer, got {face_index!r}")
-        loaded = load_image(template, max_pixels=self.analyzer.max_pixels)
+        check_face_index(face_index)
+        loaded, faces = self.find_faces(template)
+        return self.repaint(loaded, faces, face_index)
+
+    def repaint(self, loaded: LoadedImage, faces: list[Face], face_index: int | str = 0) -> TemplateResult:
+        """:meth:`__call__` on a template already loaded and analysed by :meth:`find_faces` (several results from
+        one template detect its faces once)."""
+        check_face_index(face_index)
         source = loaded.name
-        faces = self._find_faces(loaded.array, source)
         chosen = select_template_faces(faces, face_index, source)
         order = select_template_faces(faces, "all", source)
         position = {face_id: rank for rank, face_id in enumerate(order)}

@@ -360,7 +360,7 @@ PoseMode = Literal["auto", "skeleton", "photo"]
 
 
 def pose_condition(
-    image: ImageInput,
+    image: ImageInput | LoadedImage,
     size: tuple[int, int] = (512, 512),
     *,
     estimator: Callable[[np.ndarray], Sequence[PoseKeypoints]] | None = None,
@@ -397,7 +397,7 @@ def pose_condition(
     height, width = (int(v) for v in size)
     if height <= 0 or width <= 0:
         raise ValueError(f"size must be a positive (height, width); got {size}")
-    loaded = load_image(image)
+    loaded = image if isinstance(image, LoadedImage) else load_image(image)
     if mode == "auto":
         mode = "skeleton" if looks_like_skeleton(loaded) else "photo"
         logger.debug("%s: pose image taken as a %s", loaded.name, mode)
