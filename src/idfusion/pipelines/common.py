@@ -33,6 +33,7 @@ __all__ = [
     "FaceInput",
     "InpaintInput",
     "SamplingSettings",
+    "check_one_identity",
     "make_scheduler",
     "resolve_seeds",
     "make_generators",
@@ -81,6 +82,12 @@ class IdentityPipelineOutput:
     images: list
     metadata: list[dict]
     references: list[np.ndarray] = field(default_factory=list)
+
+
+def check_one_identity(faces: Any, alternative: Any, name: str) -> None:
+    """Exactly one of ``faces`` and the precomputed ``name`` (embeddings or tokens) must be given."""
+    if (faces is None) == (alternative is None):
+        raise IdentityInputError(f"give either faces or {name} (exactly one of them)")
 
 
 def make_scheduler(name: str, config: dict):
@@ -271,8 +278,7 @@ class IdentitySD15Mixin(IdentityPipelineMixin):
         Returns:
             ``(1, D)`` float32 unit embedding, and the reference crops (empty for precomputed embeddings).
         """
-        if (faces is None) == (id_embeds is None):
-            raise IdentityInputError("give either faces or id_embeds (exactly one of them)")
+        check_one_identity(faces, id_embeds, "id_embeds")
         references: list[np.ndarray] = []
         if id_embeds is not None:
             embeds = torch.as_tensor(np.asarray(id_embeds, dtype=np.float32))

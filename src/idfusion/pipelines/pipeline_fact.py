@@ -28,7 +28,14 @@ from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..layers import encode_text
 from ..methods import fact
-from .common import FaceInput, IdentityInputError, IdentityPipelineOutput, IdentitySD15Mixin, InpaintInput
+from .common import (
+    FaceInput,
+    IdentityInputError,
+    IdentityPipelineOutput,
+    IdentitySD15Mixin,
+    InpaintInput,
+    check_one_identity,
+)
 
 __all__ = ["FactPipeline", "FaceTokens", "MODEL_ID", "POSE_CONTROLNET"]
 
@@ -395,8 +402,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         negative = fact.NEGATIVE_PROMPT if negative is None else negative
 
         # 3. Face tokens, once per request
-        if (faces is None) == (face_tokens is None):
-            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        check_one_identity(faces, face_tokens, "face_tokens")
         identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
 
         # 4. LoRAs first (their text-encoder parts apply to this call's prompts). Context = [77 text tokens | 16k
@@ -488,8 +494,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         if not 1 <= num_images <= fact.MAX_IMAGES:
             raise ValueError(f"num_images must be 1 to {fact.MAX_IMAGES}, got {num_images}")
         check_face_index(face_index)
-        if (faces is None) == (face_tokens is None):
-            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        check_one_identity(faces, face_tokens, "face_tokens")
         identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
         from_file = isinstance(template, (str, os.PathLike))
         size = self.default_size(None, None)[0]

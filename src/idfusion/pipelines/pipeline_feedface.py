@@ -30,6 +30,7 @@ from .common import (
     IdentityInputError,
     IdentityPipelineMixin,
     IdentityPipelineOutput,
+    check_one_identity,
     make_generators,
     make_scheduler,
 )
@@ -57,6 +58,15 @@ class FeedFaceMixin:
         if self.feed is not None:
             self.feed.to(device=self.unet.device, dtype=self.unet.dtype)
         return result
+
+    def checked_feed_scale(self, feed_scale: float | None, default: float) -> float:
+        """The call's adapter multiplier (``default`` when not given), checked; the adapter must be loaded."""
+        scale = default if feed_scale is None else float(feed_scale)
+        if not np.isfinite(scale):
+            raise ValueError(f"feed_scale must be a finite number, got {feed_scale}")
+        if self.feed is None:
+            raise ModelFilesError(f"this {type(self).__name__} has no feed adapter; load it with from_pretrained")
+        return scale
 
     def face_crops(self, faces: Sequence[FaceInput]) -> list[np.ndarray]:
         """The release's 224 crop around the largest face of each photo (square of 1.1x the box, no alignment)."""
@@ -232,15 +242,10 @@ class FeedFacePipeline(FeedFaceMixin, IdentityPipelineMixin, DiffusionPipeline):
             feedface.DEFAULTS, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             scheduler=scheduler, height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
         )  # fmt: skip
-        scale = feedface.DEFAULTS["feed_scale"] if feed_scale is None else float(feed_scale)
-        if not np.isfinite(scale):
-            raise ValueError(f"feed_scale must be a finite number, got {feed_scale}")
-        if self.feed is None:
-            raise ModelFilesError("this FeedFacePipeline has no feed adapter; load it with from_pretrained")
+        scale = self.checked_feed_scale(feed_scale, feedface.DEFAULTS["feed_scale"])
 
         # 2. Conditioning, once per call: face tokens, the prompt's 64-d text tokens
-        if (faces is None) == (face_tokens is None):
-            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        check_one_identity(faces, face_tokens, "face_tokens")
         crops: list = []
         if face_tokens is None:
             face_tokens, crops = self.encode_faces(faces, face_mode)

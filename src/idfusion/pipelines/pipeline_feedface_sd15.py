@@ -13,16 +13,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-from ..errors import ModelFilesError
 from ..hub import resolve_model_folder
 from ..layers import encode_text
 from ..methods import feedface
-from .common import FaceInput, IdentityInputError, IdentityPipelineOutput, IdentitySD15Mixin
+from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, check_one_identity
 from .pipeline_feedface import FeedFaceMixin
 
 __all__ = ["FeedFaceSD15Pipeline", "ADAPTER_FILE", "DEFAULTS"]
@@ -135,15 +133,10 @@ class FeedFaceSD15Pipeline(FeedFaceMixin, IdentitySD15Mixin, DiffusionPipeline, 
             DEFAULTS, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
         )  # fmt: skip
-        scale = DEFAULTS["feed_scale"] if feed_scale is None else float(feed_scale)
-        if not np.isfinite(scale):
-            raise ValueError(f"feed_scale must be a finite number, got {feed_scale}")
+        scale = self.checked_feed_scale(feed_scale, DEFAULTS["feed_scale"])
         if face_mode not in ("cat", "mean"):
             raise ValueError(f"face_mode must be 'cat' or 'mean', got {face_mode!r}")
-        if self.feed is None:
-            raise ModelFilesError("this FeedFaceSD15Pipeline has no feed adapter; load it with from_pretrained")
-        if (faces is None) == (face_tokens is None):
-            raise IdentityInputError("give either faces or face_tokens (exactly one of them)")
+        check_one_identity(faces, face_tokens, "face_tokens")
 
         # 1. Face tokens once per call
         crops: list = []
