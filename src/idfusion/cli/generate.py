@@ -169,7 +169,7 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..outputs import contact_sheet, decode_array, output_paths, read_generation_metadata, save_generated_image
+    from ..outputs import decode_array, read_generation_metadata
     from ..pipelines import load_pipeline
 
     id_embeds = None
@@ -273,15 +273,22 @@ def run(args: argparse.Namespace) -> int:
         call["id_embeds"] = id_embeds
 
     result = pipe(**call)
-    paths = output_paths(args.out, args.method, len(result.images))
+    write_results(result, args.out, args.method, sheet=not args.no_contact_sheet)
+    return 0
+
+
+def write_results(result, out_dir: Path, stem: str, *, sheet: bool) -> None:
+    """Save each image with its metadata as ``<stem>_NNNN.png`` (never overwriting) and, with ``sheet``, the
+    contact sheet beside the first; print every path written."""
+    from ..images import save_image
+    from ..outputs import contact_sheet, output_paths, save_generated_image
+
+    paths = output_paths(out_dir, stem, len(result.images))
     for path, image, meta in zip(paths, result.images, result.metadata, strict=True):
         save_generated_image(path, image, meta)
         print(path)
-    if not args.no_contact_sheet:
-        sheet = contact_sheet(result.references, result.images, labels=[f"seed {m['seed']}" for m in result.metadata])
-        from ..images import save_image
-
+    if sheet:
+        labels = [f"seed {m['seed']}" for m in result.metadata]
         sheet_path = paths[0].with_name(paths[0].stem + "_sheet.png")
-        save_image(sheet_path, sheet)
+        save_image(sheet_path, contact_sheet(result.references, result.images, labels=labels))
         print(sheet_path)
-    return 0

@@ -69,10 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..images import save_image
-    from ..outputs import contact_sheet, output_paths, save_generated_image
     from ..pipelines import load_pipeline
-    from .generate import _device_and_dtype
+    from .generate import _device_and_dtype, write_results
 
     for path in (args.template, *args.face):
         if not path.exists():
@@ -92,13 +90,5 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, adapter_scale=args.adapter_scale, use_pose=args.pose,
         num_images=args.num_images, seed=args.seed, **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
-    paths = output_paths(args.out, f"{args.method}-template", len(result.images))
-    for path, image, meta in zip(paths, result.images, result.metadata, strict=True):
-        save_generated_image(path, image, meta)
-        print(path)
-    if not args.no_contact_sheet:
-        labels = [f"seed {m['seed']}" for m in result.metadata]
-        sheet_path = paths[0].with_name(paths[0].stem + "_sheet.png")
-        save_image(sheet_path, contact_sheet(result.references, result.images, labels=labels))
-        print(sheet_path)
+    write_results(result, args.out, f"{args.method}-template", sheet=not args.no_contact_sheet)
     return 0

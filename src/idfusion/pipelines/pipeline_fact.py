@@ -408,6 +408,8 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         # 4. LoRAs first (their text-encoder parts apply to this call's prompts). Context = [77 text tokens | 16k
         #    face tokens]; the negative branch gets the null face (face-CFG)
         lora_meta = self.activate_adapters(False, loras, None)
+        if style_meta.get("style_weight") is not None:
+            lora_meta = lora_meta[1:]  # the style brings its own LoRA back on replay: not recorded twice
         dtype = self.unet.dtype
         text_embeds = encode_text(self.text_encoder, self.tokenizer, [text, negative]).to(dtype)
         prompt_embeds = torch.cat([text_embeds[:1], identity.tokens.to(text_embeds.device, dtype)], dim=1)
@@ -431,19 +433,13 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             )
 
         # 6. Sample, and record what it takes to make each image again
-        output = self.sample(
+        return self.sample(
             prompt_embeds, negative_embeds, None, identity.references, settings, lora_meta=lora_meta,
             controlnet_image=condition, controlnet_conditioning_scale=controlnet_conditioning_scale, inpaint=inpaint,
             output_type=output_type, callback_on_step_end=callback_on_step_end, prompt=text,
             negative_prompt=negative, adapter_scale=scale, num_face_photos=identity.num_photos,
             pose=pose_mode if pose_image is not None else None, **style_meta,
         )  # fmt: skip
-        if style_meta.get("style_weight") is not None:  # the style brings its LoRA back on replay
-            for meta in output.metadata:
-                meta["loras"] = meta["loras"][1:] or None
-                if meta["loras"] is None:
-                    del meta["loras"]
-        return output
 
     # ---- fixed-template portraits ----------------------------------------------------------------------------
 
