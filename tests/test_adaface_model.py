@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from idfusion.clip_tokenizer import load_clip_tokenizer
 from idfusion.errors import ModelFilesError
 from idfusion.methods.adaface import (
     ADAFACE_V1,
@@ -38,7 +39,6 @@ from idfusion.serialization import (
     stub_qualified_name,
 )
 from idfusion.testing import make_tiny
-from idfusion.testing.clip_tokenizer import load_clip_tokenizer
 from idfusion.testing.tiny_adaface import V1_RELATIVE_PATH, V2_RELATIVE_PATH, write_tiny_adaface_v1
 
 PFX = "prompt2token_proj.text_model."

@@ -18,14 +18,14 @@ import pytest
 import regex
 from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
 
-from idfusion.errors import ModelFilesError
-from idfusion.testing import clip_tokenizer as ct
-from idfusion.testing.clip_tokenizer import (
+from idfusion import clip_tokenizer as ct
+from idfusion.clip_tokenizer import (
     build_clip_vocab,
     clip_bpe_path,
     load_clip_tokenizer,
     save_clip_tokenizer,
 )
+from idfusion.errors import ModelFilesError
 
 CONTEXT_LENGTH = 77
 BOS, EOS = 49406, 49407

@@ -14,8 +14,8 @@ from idfusion.methods import flashface as ff
 def _pipeline(variant):
     from diffusers import DDIMScheduler
 
+    from idfusion.clip_tokenizer import load_clip_tokenizer
     from idfusion.pipelines.pipeline_flashface import FlashFacePipeline
-    from idfusion.testing.clip_tokenizer import load_clip_tokenizer
     from idfusion.testing.components import tiny_text_encoder, tiny_unet_config, tiny_vae
 
     torch.manual_seed(0)

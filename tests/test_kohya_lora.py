@@ -46,7 +46,7 @@ def _one_thread():
 @functools.cache
 def _base() -> dict:
     """The shared, never modified parts; each :class:`Tiny` gets its own copies of the UNet and text encoder."""
-    from idfusion.testing.clip_tokenizer import load_clip_tokenizer
+    from idfusion.clip_tokenizer import load_clip_tokenizer
 
     unet = components.tiny_unet(seed=1, **tiny_fact_unet_config())
     resampler, _ = load_fact_adapter(tiny_fact_adapter_state_dict(unet, seed=3), unet)

@@ -179,7 +179,7 @@ def test_format_prompt():
 
 
 def test_builtin_catalogue():
-    from idfusion.testing.clip_tokenizer import load_clip_tokenizer
+    from idfusion.clip_tokenizer import load_clip_tokenizer
 
     builtins = styles.builtin_styles()
     names = [s.name for s in builtins]

@@ -96,8 +96,8 @@ def full_size_components(dtype: torch.dtype, device: str, *, tiny: bool = False)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from .clip_tokenizer import load_clip_tokenizer
     from .testing import components as c
-    from .testing.clip_tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     if tiny:

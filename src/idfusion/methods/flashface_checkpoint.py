@@ -621,12 +621,12 @@ def infer_unet_config(state_dict: Mapping[str, torch.Tensor], prefix: str = "") 
     Widths, levels, layers per level, which levels have attention, in/out channels and the cross-attention width
     come from the tensors (``prefix`` selects e.g. ``"ref_"`` for the ReferenceNet's encoder); what no tensor holds
     is FlashFace's constant: 8 heads everywhere (:data:`FLASHFACE_NUM_HEADS`), GroupNorm eps 1e-6 and 32 groups.
-    Other values are SD1.5's (:func:`~idfusion.testing.components.sd15_unet_config`).
+    Other values are SD1.5's (:func:`~idfusion.sd15.sd15_unet_config`).
 
     Raises:
         ValueError: the tensors do not describe a FlashFace (SD-style) UNet.
     """
-    from ..testing.components import sd15_unet_config
+    from ..sd15 import sd15_unet_config
 
     enc = f"{prefix}encoder."
     try:
@@ -666,9 +666,9 @@ def infer_text_encoder_config(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     """The ``CLIPTextConfig`` of the ``textual.*`` tower in FlashFace naming, from its tensor shapes.
 
     Heads are not stored: ``hidden / 64`` (CLIP's head width; ViT-L/14's text tower has 12), one head when narrower.
-    Other values are SD1.5's (:func:`~idfusion.testing.components.sd15_text_encoder_config`): quick-GELU, eps 1e-5.
+    Other values are SD1.5's (:func:`~idfusion.sd15.sd15_text_encoder_config`): quick-GELU, eps 1e-5.
     """
-    from ..testing.components import sd15_text_encoder_config
+    from ..sd15 import sd15_text_encoder_config
 
     try:
         vocab, hidden = state_dict["textual.token_embedding.weight"].shape
@@ -711,7 +711,7 @@ def _vae_levels(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int]:
 def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The diffusers ``AutoencoderKL`` config of a VAE in FlashFace naming, from its tensor shapes (widths,
     levels, blocks per level, channels); groups 32 as in FlashFace's ``group_norm``; the rest SD1.5's."""
-    from ..testing.components import sd15_vae_config
+    from ..sd15 import sd15_vae_config
 
     try:
         num_levels, layers = _vae_levels(state_dict)
@@ -818,7 +818,7 @@ def convert_flashface_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> di
     Raises:
         ValueError: unknown keys, missing keys (named as in the official file), or shapes that do not fit.
     """
-    from ..testing.components import build_text_encoder, official_state_dict
+    from ..sd15 import build_text_encoder, official_state_dict
 
     converted: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
@@ -864,7 +864,7 @@ def text_encoder_to_flashface(
         text_encoder: a ``CLIPTextModel``, or its state dict under nested (``text_model.``) or flat names.
         projection: ``textual.head`` (``(hidden, embed_dim)``, no bias), which ``CLIPTextModel`` does not hold.
     """
-    from ..testing.components import official_state_dict
+    from ..sd15 import official_state_dict
 
     if isinstance(text_encoder, Mapping):
         state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.items()}
@@ -988,7 +988,7 @@ def convert_flashface_vae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     Raises:
         ValueError: unknown keys, missing keys (named as in the official file), or shapes that do not fit.
     """
-    from ..testing.components import build_vae
+    from ..sd15 import build_vae
 
     config = infer_vae_config(state_dict)
     num_levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
@@ -1084,7 +1084,7 @@ def _missing_files_error(folder: Path, missing: list[str]) -> ModelFilesError:
 
 
 def _build_text_encoder(config: Mapping[str, Any], nested_state: Mapping[str, torch.Tensor]) -> CLIPTextModel:
-    from ..testing.components import build_text_encoder, official_state_dict
+    from ..sd15 import build_text_encoder, official_state_dict
 
     with torch.device("meta"):
         model = build_text_encoder(config)
@@ -1096,7 +1096,7 @@ def _build_text_encoder(config: Mapping[str, Any], nested_state: Mapping[str, to
 
 
 def _build_vae(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> AutoencoderKL:
-    from ..testing.components import build_vae
+    from ..sd15 import build_vae
 
     with torch.device("meta"):
         model = build_vae(config)
@@ -1107,7 +1107,7 @@ def _build_vae(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> 
 def _tokenizer_from_bpe(bpe_path: Path) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
-    from ..testing.clip_tokenizer import save_clip_tokenizer
+    from ..clip_tokenizer import save_clip_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="idfusion-flashface-tokenizer-"))
     try:
@@ -1227,7 +1227,7 @@ def save_converted_flashface(
     """
     from diffusers import DDIMScheduler
 
-    from ..testing.components import save_pretrained_official
+    from ..sd15 import save_pretrained_official
 
     if variant_name not in _VARIANTS:
         raise ValueError(f"unknown FlashFace variant {variant_name!r}; choose one of {', '.join(_VARIANTS)}")

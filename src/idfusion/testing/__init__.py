@@ -1,7 +1,7 @@
 """Offline test kit: tiny, structurally faithful models and checkpoints in the layouts of official releases.
 
 No model hub is reachable in tests or CI, so everything here is built locally: the real CLIP tokenizer from the BPE
-file of the ``openai-clip`` package (:mod:`idfusion.testing.clip_tokenizer`), tiny seeded SD1.5 components and the
+file of the ``openai-clip`` package (:mod:`idfusion.clip_tokenizer`), tiny seeded SD1.5 components and the
 full-size SD1.5 configs (:mod:`idfusion.testing.components`), and writers of whole checkpoint folders
 (:mod:`idfusion.testing.make_tiny`).
 
@@ -19,10 +19,10 @@ from idfusion.testing.make_tiny import MAKE_TINY, make_tiny
 
 # public name -> submodule that defines it
 _LAZY = {
-    "load_clip_tokenizer": "idfusion.testing.clip_tokenizer",
-    "save_clip_tokenizer": "idfusion.testing.clip_tokenizer",
-    "clip_bpe_path": "idfusion.testing.clip_tokenizer",
-    "build_clip_vocab": "idfusion.testing.clip_tokenizer",
+    "load_clip_tokenizer": "idfusion.clip_tokenizer",
+    "save_clip_tokenizer": "idfusion.clip_tokenizer",
+    "clip_bpe_path": "idfusion.clip_tokenizer",
+    "build_clip_vocab": "idfusion.clip_tokenizer",
     **{
         name: "idfusion.testing.components"
         for name in (

@@ -191,8 +191,8 @@ def write_sd15(out_dir: Path, seed: int, *, text_width: int | None = None) -> li
     Returns:
         `list[Path]`: the files written.
     """
+    from idfusion.clip_tokenizer import save_clip_tokenizer
     from idfusion.testing import components
-    from idfusion.testing.clip_tokenizer import save_clip_tokenizer
 
     with _quiet_progress_bars():
         wide = {"cross_attention_dim": text_width} if text_width else {}

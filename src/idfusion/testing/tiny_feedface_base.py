@@ -186,7 +186,7 @@ def tiny_gpt2_vocab() -> tuple[dict[str, int], list[str]]:
     Returns:
         `tuple[dict[str, int], list[str]]`: ``vocab.json`` contents and the ``merges.txt`` lines (without header).
     """
-    from idfusion.testing.clip_tokenizer import bytes_to_unicode
+    from idfusion.clip_tokenizer import bytes_to_unicode
 
     tokens = list(bytes_to_unicode().values())
     known = set(tokens)
@@ -270,7 +270,7 @@ def write_gpt2_folder(out_dir: Path, decoder: torch.nn.Module) -> list[Path]:
 def _write_clip(out_dir: Path, seed: int) -> None:
     from transformers import CLIPConfig, CLIPModel
 
-    from idfusion.testing.clip_tokenizer import save_clip_tokenizer
+    from idfusion.clip_tokenizer import save_clip_tokenizer
     from idfusion.testing.components import _seeded, tiny_feature_extractor
 
     with _seeded(seed):

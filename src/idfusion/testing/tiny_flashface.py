@@ -159,6 +159,7 @@ def _tiny_visual_tower(generator: torch.Generator, width: int = 32, layers: int 
 
 def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     """Write the tiny official release (layout in this module's docstring) into the empty folder ``out_dir``."""
+    from ..clip_tokenizer import clip_bpe_path
     from ..methods.flashface_checkpoint import (
         BPE_FILE,
         CHECKPOINT_FILE,
@@ -168,7 +169,6 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
         text_encoder_to_flashface,
         vae_to_flashface,
     )
-    from .clip_tokenizer import clip_bpe_path
     from .components import _build_seeded, build_text_encoder, build_vae
     from .make_tiny import write_antelopev2
 
@@ -215,7 +215,7 @@ def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
     """Write the tiny open FlashFace (IntellectGen) diffusers folder into the empty folder ``out_dir``."""
     from diffusers import DDIMScheduler
 
-    from .clip_tokenizer import save_clip_tokenizer
+    from ..clip_tokenizer import save_clip_tokenizer
     from .components import save_pretrained_official, tiny_text_encoder, tiny_unet, tiny_vae
     from .make_tiny import _quiet_progress_bars, write_antelopev2
 

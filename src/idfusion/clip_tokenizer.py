@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from idfusion.errors import ModelFilesError
-from idfusion.paths import cache_root
+from .errors import ModelFilesError
+from .paths import cache_root
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
