@@ -15,14 +15,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from idfusion.clip_tokenizer import load_clip_tokenizer
-from idfusion.errors import ModelFilesError
+from idfusion.errors import ImageError, ModelFilesError
 from idfusion.methods.adaface import (
     ADAFACE_V1,
     ADAFACE_V2,
+    PICKLE_GLOBALS,
     AdaFaceProjector,
     CLIPAttentionMKV,
     adaface_projector_config,
@@ -30,6 +32,10 @@ from idfusion.methods.adaface import (
     compose_prompt,
     convert_adaface_checkpoint,
     load_adaface_checkpoint,
+    official_face_image,
+    official_face_index,
+    official_pad_offset,
+    official_to_original,
     subject_tokens,
 )
 from idfusion.serialization import (
@@ -303,9 +309,16 @@ def test_unpickler_rebuilds_modules_as_stubs_with_real_tensors(tmp_path, zip_for
 
 def test_tiny_v2_checkpoint_has_the_official_layout(tiny_v2):
     assert "adaface" not in sys.modules
-    top = load_pickled_state(
-        tiny_v2, allowed_module_prefixes=["adaface", "transformers", "torch.nn.modules", "einops"]
-    )
+    prefixes = ["adaface", "transformers", "torch.nn.modules", "einops"]
+    # Each v2 generator pickles a transformers 4 slow CLIPTokenizer, as the official SubjBasisGenerator does
+    with zipfile.ZipFile(tiny_v2) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    for module, name in (("regex._regex", "compile"), ("tokenizers", "AddedToken"), ("ftfy", "fix_text")):
+        assert module.encode() in data and name.encode() in data
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_pickled_state(tiny_v2, allowed_module_prefixes=prefixes)
+    assert info.value.refused in PICKLE_GLOBALS
+    top = load_pickled_state(tiny_v2, allowed_module_prefixes=prefixes, allowed_globals=PICKLE_GLOBALS)
     assert "adaface" not in sys.modules and "einops.layers" not in sys.modules  # stubs never import their modules
     assert set(top) == {"string_to_subj_basis_generator_dict", "placeholder_strings", "subject_strings"}
     assert top["placeholder_strings"] == ["z"] and top["subject_strings"] == ["z"]
@@ -324,8 +337,8 @@ def test_tiny_v2_checkpoint_has_the_official_layout(tiny_v2):
     ):
         state = module_state_dict(generator)
         expected = expected_projector_shapes(TINY_D, VOCAB, 77, TINY_FFN, multipliers)
+        # position_ids is pickled but non-persistent (transformers >= 4.31), so not in the state dict
         expected |= {
-            PFX + "embeddings.position_ids": (1, 77),
             "obj_proj_in.0.weight": (77 * TINY_D, 4),
             "obj_proj_in.2.weight": (TINY_D,),
             "obj_proj_in.2.bias": (TINY_D,),
@@ -333,6 +346,18 @@ def test_tiny_v2_checkpoint_has_the_official_layout(tiny_v2):
         }
         assert {k: tuple(v.shape) for k, v in state.items()} == expected
         assert all(type(v) is torch.Tensor for v in state.values())
+        tokenizer = vars(generator)["tokenizer"]
+        assert stub_qualified_name(tokenizer) == "transformers.models.clip.tokenization_clip.CLIPTokenizer"
+        pattern = vars(tokenizer)["pat"]  # the compiled regex: a stub holding compile's arguments, never compiled
+        assert (
+            stub_qualified_name(pattern) == "regex._regex.compile"
+            and "startoftext" in vars(pattern)["_stub_args"][0][0]
+        )
+        assert len(vars(tokenizer)["encoder"]) == VOCAB and vars(vars(tokenizer)["_eos_token"])["special"] is True
+        text = vars(vars(generator)["_modules"]["prompt2token_proj"])["_modules"]["text_model"]
+        embeddings = vars(vars(text)["_modules"]["embeddings"])
+        assert embeddings["_buffers"]["position_ids"].shape == (1, 77)
+        assert "position_ids" in embeddings["_non_persistent_buffers_set"]
     text_model = vars(wrapper)["_modules"]["text_model"]
     layers = vars(vars(vars(text_model)["_modules"]["encoder"])["_modules"]["layers"])["_modules"]
     attention_classes = [stub_qualified_name(vars(layer)["_modules"]["self_attn"]) for layer in layers.values()]
@@ -390,7 +415,9 @@ def test_not_an_adaface_checkpoint(tmp_path):
 
 def test_loaded_v2_projector_matches_the_reference(tiny_v2, v2_checkpoint, tokenizer):
     top = load_pickled_state(
-        tiny_v2, allowed_module_prefixes=["adaface", "transformers", "torch.nn.modules", "einops"]
+        tiny_v2,
+        allowed_module_prefixes=["adaface", "transformers", "torch.nn.modules", "einops"],
+        allowed_globals=PICKLE_GLOBALS,
     )
     joint = vars(vars(top["string_to_subj_basis_generator_dict"])["_modules"]["z"])["_modules"]
     gen = torch.Generator().manual_seed(5)
@@ -423,7 +450,7 @@ def test_projector_matches_the_reference(multipliers, tokenizer):
 def test_single_kv_projector_equals_transformers_clip(tokenizer):
     from transformers import CLIPTextModel
 
-    from idfusion.layers import inject_token_embeddings
+    from idfusion.prompt_encoders import inject_token_embeddings
     from idfusion.testing.components import build_text_encoder, official_state_dict, sd15_text_encoder_config
 
     config = sd15_text_encoder_config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3)
@@ -601,19 +628,212 @@ def test_subject_tokens():
         subject_tokens("v3", 16)
 
 
+# The release's rule (adaface_wrapper.py update_prompt), v2: delete "a|an|the z" (lower-case articles) and then every
+# other standalone z, each together with one comma right after it; append the tokens. v1 (AdaFace-Animate): a prompt
+# that already holds the tokens is kept; else z -> the tokens, or the tokens prepended when there is no z.
+# Expected strings are written from the rule, with whitespace runs collapsed (CLIP's tokenizer does the same).
 @pytest.mark.parametrize(
     ("version", "prompt", "expected"),
     [
+        (ADAFACE_V2, "a photo of z, smiling", "a photo of smiling T0 T1"),  # "z," goes with its comma
+        (ADAFACE_V2, "The z smiling", "The smiling T0 T1"),  # a capitalised article stays
+        (ADAFACE_V2, "portrait of The z, smiling", "portrait of The smiling T0 T1"),  # changed: was "portrait of,"
         (ADAFACE_V2, "a z walking on the beach", "walking on the beach T0 T1"),
-        (ADAFACE_V2, "portrait of The z, smiling", "portrait of, smiling T0 T1"),
-        (ADAFACE_V2, "z in a garden", "in a garden T0 T1"),
-        (ADAFACE_V2, "a woman reading", "a woman reading T0 T1"),
-        (ADAFACE_V2, "a zebra eats pizza", "a zebra eats pizza T0 T1"),
+        (ADAFACE_V2, "an z in the rain", "in the rain T0 T1"),
+        (ADAFACE_V2, "the z, at night", "at night T0 T1"),
+        (ADAFACE_V2, "z in a garden", "in a garden T0 T1"),  # z at the start
+        (ADAFACE_V2, "portrait of a man, z", "portrait of a man, T0 T1"),  # z at the end
+        (ADAFACE_V2, "z and z, with a z", "and with T0 T1"),  # several z's
+        (ADAFACE_V2, "a woman reading", "a woman reading T0 T1"),  # no z
+        (ADAFACE_V2, "a zebra eats pizza", "a zebra eats pizza T0 T1"),  # z inside a word stays
+        (ADAFACE_V2, "photo of z_0 style", "photo of z_0 style T0 T1"),  # \b: z_0 is one word
         (ADAFACE_V2, "z", "T0 T1"),
+        (ADAFACE_V2, "", "T0 T1"),
         (ADAFACE_V1, "a z in the snow", "a T0 T1 in the snow"),
+        (ADAFACE_V1, "a photo of z, smiling", "a photo of T0 T1, smiling"),
+        (ADAFACE_V1, "z and z", "T0 T1 and T0 T1"),
         (ADAFACE_V1, "a zebra", "T0 T1 a zebra"),
         (ADAFACE_V1, "photo of z, z_0 style", "photo of T0 T1, z_0 style"),
+        (ADAFACE_V1, "T0 T1 on a horse, z", "T0 T1 on a horse, z"),  # already holds the tokens: kept as is
     ],
 )
 def test_compose_prompt(version, prompt, expected):
     assert compose_prompt(prompt, ["T0", "T1"], version) == expected
+
+
+def test_compose_prompt_with_encoder_groups():
+    groups = [["A0", "A1"], ["B0", "B1", "B2"]]
+    assert compose_prompt("a photo of z, smiling", groups, ADAFACE_V2) == "a photo of smiling A0 A1 B0 B1 B2"
+    repeated = compose_prompt("a photo of z, smiling", groups, ADAFACE_V2, repeat_prompt_for_each_encoder=True)
+    assert repeated == "a photo of smiling A0 A1, a photo of smiling B0 B1 B2"
+    assert compose_prompt("z on a horse", [["B0"]], ADAFACE_V2, repeat_prompt_for_each_encoder=True) == "on a horse B0"
+    with pytest.raises(TypeError, match="tokens"):
+        compose_prompt("z", "T0", ADAFACE_V2)
+
+
+# Literal outputs of the release's update_prompt (run on the official code in scratch, whitespace as it leaves it), with
+# the token list cut to 6 here.
+RELEASE_STRINGS = {
+    "a photo of z, smiling": "a photo of  smiling z_0_0 z_0_1 z_0_2 z_0_3 z_1_0 z_1_1",
+    "The z smiling": "The  smiling z_0_0 z_0_1 z_0_2 z_0_3 z_1_0 z_1_1",
+    "z at the beach": " at the beach z_0_0 z_0_1 z_0_2 z_0_3 z_1_0 z_1_1",
+    "z and z, with a z": " and  with  z_0_0 z_0_1 z_0_2 z_0_3 z_1_0 z_1_1",
+}
+
+
+@pytest.mark.parametrize("prompt", sorted(RELEASE_STRINGS))
+def test_composed_prompts_tokenize_as_the_releases(prompt, tokenizer):
+    groups = [[f"z_0_{i}" for i in range(4)], ["z_1_0", "z_1_1"]]
+    ours = compose_prompt(prompt, groups, ADAFACE_V2)
+    assert ours == " ".join(RELEASE_STRINGS[prompt].split())
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy: tokens are added below
+    tokenizer.add_tokens([t for group in groups for t in group])
+    assert tokenizer(ours).input_ids == tokenizer(RELEASE_STRINGS[prompt]).input_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Versions: what truly differs between the eras (not token2num_vectors, which the dev repo saved in both)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _write(kind, out):
+    from idfusion.testing.tiny_adaface import write_tiny_adaface_checkpoint
+
+    if kind.startswith("v1"):
+        family = "adaface" if kind == "v1-adaface-path" else "ldm.modules"
+        return write_tiny_adaface_v1(out, 1, family=family, stripped=kind == "v1-stripped")[0]
+    return write_tiny_adaface_checkpoint(out, 0, save_format=kind, consistentid=False)[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "has_consistentid"),
+    [
+        ("release", ADAFACE_V2, True),
+        ("dev", ADAFACE_V2, True),  # joint, and token2num_vectors / background_strings at the top level
+        ("dev-arc2face", ADAFACE_V2, False),  # single generator with N_ID, and token2num_vectors
+        ("v1", ADAFACE_V1, False),
+        ("v1-stripped", ADAFACE_V1, False),  # only the generator dict is left
+        ("v1-adaface-path", ADAFACE_V1, False),  # classes under adaface.* (2024-06-07 .. 2024-08-30), no N_ID
+    ],
+)
+def test_version_is_read_from_the_generators_structure(tmp_path, tokenizer, kind, version, has_consistentid):
+    path = _write(kind, tmp_path)
+    top = load_pickled_state(
+        path, allowed_module_prefixes=["adaface", "ldm", "transformers", "torch.nn.modules", "einops"],
+        allowed_globals=PICKLE_GLOBALS,
+    )  # fmt: skip
+    if kind.startswith("dev"):
+        assert "token2num_vectors" in top and top["background_strings"] == ["y"]  # the confusing key is there
+    ckpt = load_adaface_checkpoint(path)
+    assert ckpt.version == version and ckpt.has_consistentid == has_consistentid
+    tokens = ckpt.subject_tokens
+    if version == ADAFACE_V2:
+        assert ckpt.template_num_commas == 18
+        index = 1 if has_consistentid else 0
+        assert tokens == [f"z_{index}_{i}" for i in range(16)]
+        assert compose_prompt("a photo of z", tokens, ckpt.version).endswith(" ".join(tokens))  # appended
+    else:
+        assert ckpt.template_num_commas == 16 and tokens == [f"z_{i}" for i in range(16)]
+        assert compose_prompt("a photo of z smiling", tokens, ckpt.version) == f"a photo of {' '.join(tokens)} smiling"
+
+
+def test_the_dev_save_format_holds_the_same_generators(tmp_path, v2_checkpoint, tokenizer):
+    dev = load_adaface_checkpoint(_write("dev", tmp_path))
+    ids = adaface_template_ids(tokenizer, 18)
+    x_img = torch.randn(2, 16, TINY_D, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(dev.projector(x_img, ids), v2_checkpoint.projector(x_img, ids), rtol=0, atol=0)
+    assert dev.joint_subject_tokens() == v2_checkpoint.joint_subject_tokens()
+
+
+def test_joint_subject_tokens(v2_checkpoint):
+    groups = v2_checkpoint.joint_subject_tokens()
+    assert groups == [[f"z_0_{i}" for i in range(4)], [f"z_1_{i}" for i in range(16)]]
+    assert v2_checkpoint.consistentid_subject_tokens == groups[0] and v2_checkpoint.consistentid_index == 0
+    assert v2_checkpoint.joint_subject_tokens(consistentid=False) == [groups[1]]
+
+
+class _Touch:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_checkpoint_loader_still_refuses_code(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    generator = torch.nn.Linear(2, 2)
+    generator.hook = _Touch(marker)
+    torch.save({"string_to_subj_basis_generator_dict": {"z": generator}, "subject_strings": ["z"]}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_adaface_checkpoint(path)
+    assert info.value.refused == "posix.system"
+    assert "'posix.system'" in str(info.value) and "nothing from the file was executed" in str(info.value)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The release's face preprocessing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _reference_face_image(image, size=512):
+    """Pad and NEAREST-resize written out: the square side S = max(H, W), the image at ((S - W) // 2, (S - H) // 2)
+    on the padded axis, and output pixel i reads source pixel floor((2i + 1) * S / (2 * size)) (exact integers)."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    square = np.zeros((side, side, 3), dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = image[..., :3]
+    index = ((2 * np.arange(size) + 1) * side) // (2 * size)
+    return square[index][:, index], (left, top), side
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (301, 200), (200, 333), (64, 64), (1000, 700)])
+def test_official_face_image_matches_the_padding_and_nearest_resize(shape):
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected, (left, top), side = _reference_face_image(image)
+    out = official_face_image(image)
+    assert out.shape == (512, 512, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    assert official_pad_offset(*shape) == (left, top)
+    # Mapping back: each output pixel's centre lands inside the source pixel the resize read for it
+    centres = np.stack(np.meshgrid(np.arange(512) + 0.5, np.arange(512) + 0.5), axis=-1)  # (512, 512, 2) as (x, y)
+    back = np.floor(official_to_original(centres, image.shape)).astype(int)
+    index = ((2 * np.arange(512) + 1) * side) // (2 * 512)
+    np.testing.assert_array_equal(back[0, :, 0], index - left)
+    np.testing.assert_array_equal(back[:, 0, 1], index - top)
+    inside = (back[..., 0] >= 0) & (back[..., 0] < shape[1]) & (back[..., 1] >= 0) & (back[..., 1] < shape[0])
+    np.testing.assert_array_equal(out[inside], image[back[inside][:, 1], back[inside][:, 0]])
+    assert (out[~inside] == 0).all()  # the rest is the black padding
+
+
+def test_official_face_image_drops_alpha_and_names_bad_input():
+    rgba = np.zeros((10, 20, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = 7
+    np.testing.assert_array_equal(official_face_image(rgba), official_face_image(rgba[..., :3]))
+    with pytest.raises(ImageError, match="photo.*uint8"):
+        official_face_image(np.zeros((10, 10, 3), dtype=np.float32), name="photo")
+    with pytest.raises(ImageError, match="photo"):
+        official_face_image(np.zeros((10, 10), dtype=np.uint8), name="photo")
+
+
+def test_official_face_index_uses_the_release_key():
+    boxes = np.array(
+        [
+            [0, 0, 100, 100],  # area 10000, key (100 - 0) * 100 - 0 = 10000
+            [0, 300, 90, 400],  # area 9000, key 90 * 400 - 300 = 35700: "the largest" for the release
+            [10, 10, 20, 20],
+        ],
+        dtype=np.float32,
+    )
+    assert official_face_index(boxes) == 1
+    assert official_face_index(boxes[[0, 2]]) == 0
+    tie = np.array([[0, 0, 10, 10], [5, 0, 15, 10]], dtype=np.float32)  # equal keys: the later box wins
+    assert official_face_index(tie) == 1
+    with pytest.raises(ValueError, match="at least one box"):
+        official_face_index(np.zeros((0, 4)))

@@ -61,7 +61,7 @@ def test_prompt_embeddings_match_an_independent_reference(pipe, tiny_adaface):
     by 16 rows set to the ada embeddings (no added tokens, no resizing, no prompt rewriting involved)."""
     from transformers import CLIPTextModel
 
-    from idfusion.layers import encode_text, inject_token_embeddings
+    from idfusion.prompt_encoders import encode_text, inject_token_embeddings
 
     identity, _ = pipe.prepare_id_embeds(id_embeds=IDENTITY)
     ada = pipe.ada_embeddings(identity)
@@ -82,7 +82,7 @@ def test_prompt_embeddings_match_an_independent_reference(pipe, tiny_adaface):
 
 
 def test_contracts_same_seed_faces_batch(pipe, faces_dir):
-    face = pipe._get_face_analyzer().get(faces_dir / "obama.jpg")
+    face = pipe.default_face_analyzer().get(faces_dir / "obama.jpg")
     a = pipe(faces=faces_dir / "obama.jpg", seed=1, num_inference_steps=3, output_type="np")
     b = pipe(faces=faces_dir / "obama.jpg", seed=1, num_inference_steps=3, output_type="np")
     c = pipe(id_embeds=face.embedding, seed=1, num_inference_steps=3, output_type="np")

@@ -143,7 +143,7 @@ def test_regenerate_from_png_gives_identical_pixels(tmp_path, faces_dir, tiny_ar
 
 
 def test_same_seed_same_pixels_and_faces_equal_embeddings(pipe, faces_dir):
-    face = pipe._get_face_analyzer().get(faces_dir / "obama.jpg")
+    face = pipe.default_face_analyzer().get(faces_dir / "obama.jpg")
     a = pipe(faces=[faces_dir / "obama.jpg"], seed=3, num_inference_steps=3)
     b = pipe(faces=[faces_dir / "obama.jpg"], seed=3, num_inference_steps=3)
     c = pipe(id_embeds=face.embedding, seed=3, num_inference_steps=3)
@@ -220,7 +220,10 @@ def test_bad_identity_inputs(pipe, faces_dir):
         (["--face", "{faces}/obama.jpg", "--steps", "0"], "expected a number >= 1"),
         (["--face", "{faces}/obama.jpg", "--guidance", "nan"], "expected a finite number"),
         (["--face", "{blank}", "--detector", "hog"], "no face found by the dlib-hog detector"),
-        (["--face", "{faces}/obama.jpg", "--id-scale", "2"], "--id-scale is an AdaFace option"),
+        (
+            ["--face", "{faces}/obama.jpg", "--id-scale", "2"],
+            "--id-scale is an option of AdaFace (--method adaface), not of Arc2Face",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, faces_dir, tiny_arc2face, capsys, args, message):

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from idfusion.methods import fact
 from idfusion.testing.components import sd15_unet_config, tiny_controlnet, tiny_unet
-from idfusion.testing.make_tiny import MAKE_TINY, make_tiny
+from idfusion.testing.make_tiny import make_tiny, tiny_writers
 from idfusion.testing.tiny_fact import tiny_fact_adapter_state_dict, tiny_fact_unet_config
 
 # The 16 cross-attention sites of SD1.5 and their widths (spec §2.4).
@@ -55,25 +55,35 @@ def adapter_key_shapes(c: int, ctx: int = 768) -> dict[str, tuple[int, ...]]:
 # Full size on meta
 
 
+def _load(state, unet):
+    """Load a FACT checkpoint for ``unet`` and attach it: (resampler, processors by site, adapter, handle)."""
+    adapter = fact.load_fact_adapter(state, unet)
+    handle = fact.attach_face_adapter(unet, adapter)
+    return adapter.resampler, handle.processors, adapter, handle
+
+
 def test_full_size_adapter_sites_on_meta():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())
-    processors = fact.attach_face_adapter(unet, cross_attention_dim=768)
+    before = set(unet.state_dict())
+    adapter = fact.FactFaceAdapter.for_unet(unet)
+    processors = fact.attach_face_adapter(unet, adapter).processors
     assert sorted(processors) == sorted(SD15_SITES)  # exactly the 16 sites
-    state = unet.state_dict()
+    assert set(unet.state_dict()) == before  # the UNet keeps its own keys, norm2 included
+    official = {name: tuple(v.shape) for key, v in adapter.state_dict().items()
+                for name in [fact.fact_adapter_key_map(adapter)[key]]}  # fmt: skip
     total = 0
     for site, width in SD15_SITES.items():
         expected = adapter_key_shapes(width)
         prefix = f"{site}.attn2.processor."
-        got = {k[len(prefix) :]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        got = {k[len(prefix) :]: shape for k, shape in official.items() if k.startswith(prefix)}
         assert got == expected | {"ln.weight": (width,), "ln.bias": (width,)}
-        assert f"{site}.norm2.weight" not in state  # norm2 moved into the processor
-        count = sum(p.numel() for n, p in processors[site].named_parameters() if not n.startswith("ln."))
+        count = sum(p.numel() for n, p in processors[site].site.named_parameters() if not n.startswith("ln."))
         assert count == 16 * width**2 + 783 * width + 2
         total += count
     assert total == sum(16 * c**2 + 783 * c + 2 for c in SD15_SITES.values())
     assert round(total / 1e6, 1) == 208.0
-    assert processors[next(iter(SD15_SITES))].attn.to_q.weight.is_meta
+    assert processors[next(iter(SD15_SITES))].site.attn.to_q.weight.is_meta
 
 
 def test_full_size_resampler_on_meta():
@@ -178,13 +188,13 @@ def tiny_adapted_unet():
     unet = tiny_unet(seed=1, **tiny_fact_unet_config()).eval()
     base = copy.deepcopy(unet)
     state = tiny_fact_adapter_state_dict(unet, seed=3)
-    resampler, processors = fact.load_fact_adapter(state, unet)
-    return base, unet, resampler, processors, state
+    resampler, processors, _, handle = _load(state, unet)
+    return base, unet, resampler, processors, state, handle
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_adapter_processor_matches_reference(tiny_adapted_unet, scale):
-    _, unet, _, processors, _ = tiny_adapted_unet
+    _, unet, _, processors, _, _ = tiny_adapted_unet
     torch.manual_seed(0)
     for site in ("down_blocks.1.attentions.0.transformer_blocks.0", "up_blocks.1.attentions.2.transformer_blocks.0"):
         block = unet.get_submodule(site)
@@ -194,10 +204,10 @@ def test_adapter_processor_matches_reference(tiny_adapted_unet, scale):
         width = block.attn2.to_q.in_features
         x = torch.randn(2, 20, width)
         context = torch.randn(2, 77 + 32, 32)
-        with torch.no_grad():
-            got = block.attn2(x, encoder_hidden_states=context)
-        p = {k: v for k, v in processor.state_dict().items()}
-        host = {k: v for k, v in block.attn2.state_dict().items() if not k.startswith("processor.")}
+        with torch.no_grad():  # as the block calls it: norm2 (whose hook hands the processor x), then attn2
+            got = block.attn2(block.norm2(x), encoder_hidden_states=context)
+        p = {k: v for k, v in processor.site.state_dict().items()}
+        host = dict(block.attn2.state_dict())
         want = reference_adapter(p, host, block.attn2.heads, x, context, 32, scale)
         assert float(torch.tanh(p["alpha_attn"]).abs()) > 0.1 and float(torch.tanh(p["alpha_dense"]).abs()) > 0.1
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -205,7 +215,7 @@ def test_adapter_processor_matches_reference(tiny_adapted_unet, scale):
 
 def test_block_with_adapter_matches_reference_order(tiny_adapted_unet):
     """x + attn1(norm1 x) → adapter → + cross-attention(ln x) → + ff(norm3 x) (spec §2.4 order)."""
-    _, unet, _, processors, _ = tiny_adapted_unet
+    _, unet, _, processors, _, _ = tiny_adapted_unet
     site = "mid_block.attentions.0.transformer_blocks.0"
     block = unet.get_submodule(site)
     torch.manual_seed(1)
@@ -214,8 +224,8 @@ def test_block_with_adapter_matches_reference_order(tiny_adapted_unet):
     with torch.no_grad():
         got = block(x, encoder_hidden_states=context)
         x1 = x + block.attn1(block.norm1(x))
-        p = processors[site].state_dict()
-        host = {k: v for k, v in block.attn2.state_dict().items() if not k.startswith("processor.")}
+        p = processors[site].site.state_dict()
+        host = dict(block.attn2.state_dict())
         x2 = x1 + reference_adapter(p, host, block.attn2.heads, x1, context, 16, 1.0)
         want = x2 + block.ff(block.norm3(x2))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -248,7 +258,7 @@ def reference_resampler(s, tokens, heads):
 
 
 def test_resampler_matches_reference(tiny_adapted_unet):
-    _, _, resampler, _, state = tiny_adapted_unet
+    _, _, resampler, _, state, _ = tiny_adapted_unet
     s = {k[len("local_fac_prj.") :]: v for k, v in state.items() if k.startswith("local_fac_prj.")}
     torch.manual_seed(2)
     tokens = torch.randn(3, 144, 32)
@@ -314,7 +324,7 @@ def test_transface_global_head_matches_reference():
 
 
 def test_scale_zero_is_base_model_and_detach_restores_it(tiny_adapted_unet):
-    base, unet, resampler, _, _ = tiny_adapted_unet
+    base, unet, resampler, _, _, handle = tiny_adapted_unet
     torch.manual_seed(4)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with torch.no_grad():
@@ -326,23 +336,24 @@ def test_scale_zero_is_base_model_and_detach_restores_it(tiny_adapted_unet):
         fact.set_face_adapter_scale(unet, 0.5)
         changed = unet(sample, 7, context).sample
         assert (changed - want).abs().max() > 1e-3
-        fact.detach_face_adapter(unet)
+        handle.remove()
         assert not any(isinstance(p, fact.FaceAdapterAttnProcessor) for p in unet.attn_processors.values())
         assert unet.state_dict().keys() == base.state_dict().keys()
         assert torch.equal(unet(sample, 7, text).sample, want)
         # attaching again after a detach works
-        assert len(fact.attach_face_adapter(unet, cross_attention_dim=32)) == 16
+        assert len(fact.attach_face_adapter(unet, fact.FactFaceAdapter.for_unet(unet)).processors) == 16
 
 
 def test_attach_detach_round_trip_on_fresh_unet():
     unet = tiny_unet(seed=2).eval()
     reference = copy.deepcopy(unet)
-    processors = fact.attach_face_adapter(unet, cross_attention_dim=32)
-    assert len(processors) == 10  # tiny_unet has 1 layer per level: 3 + 1 + 6 sites
-    assert all(isinstance(b.norm2, torch.nn.Identity) for b in fact.adapter_sites(unet).values())
+    adapter = fact.FactFaceAdapter.for_unet(unet)
+    handle = fact.attach_face_adapter(unet, adapter)
+    assert len(handle.processors) == 10  # tiny_unet has 1 layer per level: 3 + 1 + 6 sites
+    assert all(isinstance(b.norm2, torch.nn.LayerNorm) for b in fact.adapter_sites(unet).values())  # unchanged
     with pytest.raises(ValueError, match="already attached"):
-        fact.attach_face_adapter(unet, cross_attention_dim=32)
-    fact.detach_face_adapter(unet)
+        fact.attach_face_adapter(unet, adapter)
+    handle.remove()
     torch.manual_seed(5)
     sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -383,7 +394,7 @@ def tiny_release(tmp_path_factory):
 
 
 def test_make_tiny_fact_layout(tiny_release):
-    assert "fact" in MAKE_TINY
+    assert "fact" in tiny_writers()
     for name in (*fact.ADAPTER_FILES.values(), fact.TRANSFACE_FILE, "antelopev2/scrfd_10g_bnkps.onnx"):
         assert (tiny_release / name).is_file(), name
     assert (tiny_release / "stable-diffusion-v1-5" / "model_index.json").is_file()
@@ -399,17 +410,17 @@ def test_tiny_release_loads_strictly_and_changes_output(tiny_release):
     base = copy.deepcopy(unet)
     path = tiny_release / fact.ADAPTER_FILES["film"]
     raw = torch.load(path, weights_only=True)
-    resampler, processors = fact.load_fact_adapter(path, unet)
+    resampler, processors, adapter, _ = _load(path, unet)
     assert sorted(processors) == sorted(SD15_SITES)
     # every key landed where its name says
+    own = {fact.fact_adapter_key_map(adapter)[k]: v for k, v in adapter.state_dict().items()}
     for key, value in raw.items():
+        assert torch.equal(own[key], value), key
         if key.startswith("local_fac_prj."):
             assert torch.equal(resampler.state_dict()[key[len("local_fac_prj.") :]], value), key
-        else:
-            assert torch.equal(unet.state_dict()[key], value), key
     # the relocated norm2 keeps the base model's values
     site = "up_blocks.3.attentions.1.transformer_blocks.0"
-    assert torch.equal(processors[site].ln.weight, base.get_submodule(site).norm2.weight)
+    assert torch.equal(processors[site].site.ln.weight, base.get_submodule(site).norm2.weight)
     encoder = fact.load_transface(tiny_release / fact.TRANSFACE_FILE)
     torch.manual_seed(7)
     with torch.no_grad():
@@ -429,17 +440,19 @@ def test_planted_values_land_in_the_right_parameters():
     state[prefix + "ff.net.2.bias"] = torch.arange(128.0)
     state[prefix + "ln.weight"] = torch.full((128,), 1.5)
     state["local_fac_prj.layers.1.1.3.weight"] = torch.full((48, 192), 0.25)
-    resampler, processors = fact.load_fact_adapter(state, unet)
-    processor = processors[site]
+    norm2 = unet.get_submodule(site).norm2.weight.clone()
+    resampler, processors, _, handle = _load(state, unet)
+    processor = processors[site].site
     assert processor.alpha_dense.item() == 0.625
     assert torch.equal(processor.ff.net[2].bias, torch.arange(128.0))
     assert torch.equal(processor.ln.weight, torch.full((128,), 1.5))
     assert torch.equal(resampler.layers[1][1][3].weight, torch.full((48, 192), 0.25))
     # other sites are untouched by the planting
-    other = processors["down_blocks.2.attentions.0.transformer_blocks.0"]
+    other = processors["down_blocks.2.attentions.0.transformer_blocks.0"].site
     assert other.alpha_dense.item() != 0.625
-    fact.detach_face_adapter(unet)
-    assert torch.equal(unet.get_submodule(site).norm2.weight, torch.full((128,), 1.5))
+    handle.remove()
+    # the checkpoint's ln lives in the adapter: the base UNet's own norm2 was never written
+    assert torch.equal(unet.get_submodule(site).norm2.weight, norm2)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from idfusion.flows.template import template_portraits
 from idfusion.methods import fact
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -43,7 +44,7 @@ def _run(pipe, **kwargs):
 def test_release_loads_with_adapters_at_16_sites_and_default_settings(pipe, release):
     processors = [p for p in pipe.unet.attn_processors.values() if isinstance(p, fact.FaceAdapterAttnProcessor)]
     assert len(processors) == 16
-    assert pipe.face_encoder is not None and pipe.resampler is not None
+    assert pipe.face_encoder is not None and pipe.face_adapter is not None
     assert pipe.controlnet is not None  # the release's controlnet/ folder
     controlnet_processors = set(map(type, pipe.controlnet.attn_processors.values()))
     assert controlnet_processors == {fact.TextOnlyControlNetProcessor}
@@ -59,8 +60,9 @@ def test_face_tokens_shapes_several_photos_and_null_face(pipe, faces_dir):
     assert two.tokens.shape == (1, 32, width) and two.num_photos == 2
     torch.testing.assert_close(two.tokens[:, :16], one.tokens)  # each photo is encoded on its own
     assert two.unconditional.shape == two.tokens.shape
-    zeros = torch.zeros(1, pipe.resampler.num_input_tokens, pipe.resampler.embedding_dim)
-    torch.testing.assert_close(one.unconditional, pipe.resampler(zeros))
+    resampler = pipe.face_adapter.resampler
+    zeros = torch.zeros(1, resampler.num_input_tokens, resampler.embedding_dim)
+    torch.testing.assert_close(one.unconditional, resampler(zeros))
     crop = one.references[0]
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
     assert (crop[-3:, :3] == 0).all() and (crop[-3:, -3:] == 0).all()  # below the jaw, outside the head mask: 0
@@ -86,14 +88,19 @@ def test_scale_zero_equals_the_base_pipeline(pipe, release, obama_tokens):
 
 
 def test_face_cfg_negative_branch_gets_the_null_face(pipe, obama_tokens, monkeypatch):
+    from idfusion.pipelines import pipeline_fact
+
     seen = []
-    original = type(pipe).denoise
+    original = pipeline_fact.sample_sd15
 
-    def spy(self, prompt_embeds, negative_prompt_embeds, **kwargs):
-        seen.append((prompt_embeds.clone(), negative_prompt_embeds.clone()))
-        return original(self, prompt_embeds, negative_prompt_embeds, **kwargs)
+    def spy(owner, prompt_embeds, negative_prompt_embeds, settings, **kwargs):
+        batch = settings.batch_size  # sample_sd15 expands (1, L, D) to the batch
+        seen.append(
+            (prompt_embeds.expand(batch, -1, -1).clone(), negative_prompt_embeds.expand(batch, -1, -1).clone())
+        )
+        return original(owner, prompt_embeds, negative_prompt_embeds, settings, **kwargs)
 
-    monkeypatch.setattr(type(pipe), "denoise", spy)
+    monkeypatch.setattr(pipeline_fact, "sample_sd15", spy)
     _run(pipe, face_tokens=obama_tokens, num_images_per_prompt=2, num_inference_steps=1)
     positive, negative = seen[0]
     assert positive.shape == (2, 77 + 16, pipe.text_encoder.config.hidden_size)
@@ -177,7 +184,8 @@ def test_style_lora_round_trip_is_exact(pipe, obama_tokens, tmp_path):
     out = pipe(face_tokens=obama_tokens, style=style, seed=0, num_inference_steps=2, output_type="np")
     styled = np.stack(out.images)
     assert out.metadata[0]["style"] == "test-style" and out.metadata[0]["style_weight"] == 0.8
-    assert out.metadata[0]["prompt"] == "a person, in a red coat"
+    # the user's prompt (none here) is what --from replays; the style's full prompt is recorded beside it
+    assert "prompt" not in out.metadata[0] and out.metadata[0]["composed_prompt"] == "a person, in a red coat"
     assert np.abs(styled - plain).max() > 1e-4
     again = _run(pipe, face_tokens=obama_tokens, prompt="a person, in a red coat", num_inference_steps=2)
     np.testing.assert_array_equal(again, plain)  # the next call without the style is the base model again
@@ -254,12 +262,14 @@ def test_offline_cli_path_with_no_other_flags(tmp_path, faces_dir, capsys, monke
 
 
 def test_template_portrait_keeps_the_template_outside_the_face(pipe, obama_tokens, faces_dir):
+    from idfusion.flows.template import square_crop_box
     from idfusion.images import load_image
-    from idfusion.pipelines.template import square_crop_box
 
     template = faces_dir / "obama.jpg"
     before = template.read_bytes()
-    out = pipe.template_portraits(template, face_tokens=obama_tokens, seed=1, num_inference_steps=3, num_images=2)
+    out = template_portraits(
+        pipe, template, identity={"face_tokens": obama_tokens}, seed=1, num_inference_steps=3, num_images=2
+    )
     original = load_image(template).array
     assert len(out.images) == 2
     for image, meta in zip(out.images, out.metadata, strict=True):
@@ -281,15 +291,15 @@ def test_template_errors(pipe, obama_tokens, faces_dir):
     from idfusion.faces import FaceAnalyzer
 
     with pytest.raises(FaceIndexError, match="face index 5"):
-        pipe.template_portraits(faces_dir / "obama.jpg", face_tokens=obama_tokens, face_index=5)
+        template_portraits(pipe, faces_dir / "obama.jpg", identity={"face_tokens": obama_tokens}, face_index=5)
     blank = np.full((200, 200, 3), 128, np.uint8)
     analyzer = pipe.face_analyzer
     pipe.set_face_analyzer(FaceAnalyzer("hog", None, crops=(), dense_landmarks=True))
     try:
         with pytest.raises(NoFaceError, match="template has no face"):
-            pipe.template_portraits(blank, face_tokens=obama_tokens)
+            template_portraits(pipe, blank, identity={"face_tokens": obama_tokens})
         with pytest.raises(NoFaceError):
-            pipe.template_portraits(faces_dir / "obama.jpg", faces=[blank])  # the identity photo has no face
+            template_portraits(pipe, faces_dir / "obama.jpg", faces=[blank])  # the identity photo has no face
     finally:
         pipe.set_face_analyzer(analyzer)
 
@@ -321,7 +331,9 @@ def test_both_official_adapters_load_and_a_custom_base_is_used(pipe, release, tm
 
     film = FactPipeline.from_pretrained(release, adapter="film", local_files_only=True)
     assert film.model_info["adapter"] == "film"
-    assert not torch.equal(film.resampler.latents, pipe.resampler.latents)  # its own checkpoint
+    assert not torch.equal(
+        film.face_adapter.resampler.latents, pipe.face_adapter.resampler.latents
+    )  # its own checkpoint
     base = tmp_path / "my-finetune"
     shutil.copytree(release / "stable-diffusion-v1-5", base)
     custom = FactPipeline.from_pretrained(release, base_model=base, local_files_only=True)
@@ -335,9 +347,11 @@ def test_pose_from_a_photo_uses_the_estimator_and_the_template_can_keep_its_pose
     skeleton = pipe.pose_condition(photo, 64, 64)  # auto: a photo, so DWPose (the release's tiny dwpose/) runs
     pixels = np.asarray(skeleton)
     assert skeleton.size == (64, 64) and (pixels.max(axis=-1) < 16).mean() > 0.5  # drawn lines on black
-    out = pipe.template_portraits(faces_dir / "obama.jpg", face_tokens=obama_tokens, use_pose=True, seed=0,
+    out = template_portraits(pipe, faces_dir / "obama.jpg", identity={"face_tokens": obama_tokens}, use_pose=True, seed=0,
                                   num_inference_steps=2)  # fmt: skip
-    plain = pipe.template_portraits(faces_dir / "obama.jpg", face_tokens=obama_tokens, seed=0, num_inference_steps=2)
+    plain = template_portraits(
+        pipe, faces_dir / "obama.jpg", identity={"face_tokens": obama_tokens}, seed=0, num_inference_steps=2
+    )
     assert out.images[0].size == plain.images[0].size
     assert np.abs(np.asarray(out.images[0], float) - np.asarray(plain.images[0], float)).max() > 0
     assert out.metadata[0]["pose"] == "skeleton"
@@ -345,9 +359,9 @@ def test_pose_from_a_photo_uses_the_estimator_and_the_template_can_keep_its_pose
 
 def test_pose_from_a_photo_without_the_estimator_names_its_files(pipe, faces_dir, tmp_path, monkeypatch):
     from idfusion.errors import ModelFilesError
+    from idfusion.pose import PosePreprocessor
 
-    monkeypatch.setattr(pipe, "pose_model_dir", tmp_path)
-    monkeypatch.setattr(pipe, "_pose_estimator", None)
+    monkeypatch.setattr(pipe, "pose_preprocessor", PosePreprocessor(tmp_path))
     with pytest.raises(ModelFilesError, match="yolox_l.onnx"):
         pipe.pose_condition(faces_dir / "obama.jpg", 64, 64)
     assert pipe.pose_condition(_skeleton(), 64, 64).size == (64, 64)  # a ready skeleton needs no estimator

@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from idfusion.convert import feedface as ckpt
 from idfusion.errors import ModelFilesError
-from idfusion.methods import feedface_checkpoint as ckpt
 from idfusion.testing import tiny_feedface_base as tiny
 
 C = 1536  # UniDiffuser-v1 width

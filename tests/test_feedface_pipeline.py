@@ -59,11 +59,11 @@ def test_release_loads_and_defaults(pipe, release, faces_dir):
 def test_feed_scale_zero_equals_the_bare_uvit(pipe, faces_dir):
     tokens, _ = pipe.encode_faces([faces_dir / "obama.jpg"])
     off = _run(pipe, face_tokens=tokens, feed_scale=0.0)
-    pipe._feed_handle.remove()
+    pipe.feed.detach()
     try:
         bare = _run(pipe, face_tokens=tokens, feed_scale=0.0)
     finally:
-        pipe._feed_handle = pipe.feed.attach(pipe.unet)
+        pipe.feed.attach(pipe.unet)
     np.testing.assert_array_equal(off, bare)
     on = _run(pipe, face_tokens=tokens)
     assert np.abs(on - off).max() > 1e-3
@@ -173,4 +173,4 @@ def test_offline_cli_path_with_no_other_flags(method, tmp_path, faces_dir, capsy
     assert meta["face_mode"] == "mean" and meta["feed_scale"] == 0.5 and meta["num_references"] == 2
     code = main(["generate", "--method", "fact", "--model", str(model), "--face", str(faces_dir / "obama.jpg"),
                  "--feed-scale", "0.5", "--out", str(tmp_path / "out")])  # fmt: skip
-    assert code == 1 and "FeedFace options" in capsys.readouterr().err
+    assert code == 1 and "--feed-scale is an option of FeedFace" in capsys.readouterr().err

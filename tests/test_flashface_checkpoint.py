@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from idfusion.convert import flashface as ckpt
 from idfusion.errors import ModelFilesError
-from idfusion.methods import flashface_checkpoint as ckpt
 from idfusion.methods.flashface import OFFICIAL, REFERENCE_BLOCKS, build_flashface_models
 from idfusion.testing import make_tiny
 from idfusion.testing.components import (
@@ -297,16 +297,21 @@ def official_text(w, ids, heads):
 def test_every_official_ckpt_key_maps_to_a_parameter_of_that_shape(official_rows):
     assert len(official_rows) == 2142
     with torch.device("meta"):
-        main, refnet = build_flashface_models(sd15_unet_config(), OFFICIAL)
-    params = {"unet": dict(main.state_dict()), "refnet": dict(refnet.state_dict())}
+        main, refnet, reference = build_flashface_models(sd15_unet_config(), OFFICIAL)
+    params = {
+        "unet": dict(main.state_dict()),
+        "refnet": dict(refnet.state_dict()),
+        "reference_attention": dict(reference.state_dict()),
+    }
+    table = ckpt.flashface_key_table(main, refnet, reference)
     covered: dict[tuple[str, str], str] = {}
     dropped = 0
     for key, shape in official_rows:
-        targets = ckpt.official_key_to_targets(key)
-        if not targets:
+        if key in table.dropped:
             assert any(key.startswith(prefix) for prefix in ckpt.DROPPED_PREFIXES), key
             dropped += 1
             continue
+        targets = table.targets[key]
         for target, name in targets:
             assert name in params[target], (key, target, name)
             assert tuple(params[target][name].shape) == shape, (key, target, name)
@@ -314,23 +319,25 @@ def test_every_official_ckpt_key_maps_to_a_parameter_of_that_shape(official_rows
             covered[(target, name)] = key
     assert dropped == 248 + 51 + 429 + 46  # ori_encoder, ori_middle, ori_decoder, ref_middle
     assert set(covered) == {(t, n) for t, names in params.items() for n in names}  # every parameter, once
-    assert len(params["unet"]) == 736 and len(params["refnet"]) == 686
-    # The 50 reference-attention keys land in exactly the 10 reference blocks.
-    ref_targets = {n.rsplit(".attn_ref.", 1)[0] for (t, n) in covered if ".attn_ref." in n}
-    assert ref_targets == set(REFERENCE_BLOCKS)
+    assert len(params["unet"]) == 686 and len(params["refnet"]) == 686 and len(params["reference_attention"]) == 50
+    # The 50 reference-attention keys come from exactly the 10 reference blocks, in REFERENCE_BLOCKS order.
+    sources = {n.split(".")[1]: covered[(t, n)] for (t, n) in covered if t == "reference_attention"}
+    assert sorted(sources) == [str(i) for i in range(10)]
+    assert all("self_attn.self_attn_first" in key for key in sources.values())
+    assert sources["0"].startswith("middle.1.") and sources["9"].startswith("decoder.11.1.")
 
-    report = ckpt.convert_flashface_unets({k: _meta(s) for k, s in official_rows}, main, refnet)
+    report = ckpt.convert_flashface_unets({k: _meta(s) for k, s in official_rows}, main, refnet, reference)
     assert report.num_keys == 2142
-    assert report.assigned == {"unet": 736, "refnet": 686}
-    assert report.counts["self_attn_first -> unet attn_ref"] == 50
+    assert report.assigned == {"unet": 686, "refnet": 686, "reference_attention": 50}
+    assert report.counts["self_attn_first -> reference_attention"] == 50
     assert report.counts["dropped: ref_middle."] == 46
     assert set(report.dropped) == set(ckpt.DROPPED_PREFIXES)
 
 
 def test_inverse_mapping_writes_the_official_keys_in_the_official_order(official_rows):
     with torch.device("meta"):
-        main, refnet = build_flashface_models(sd15_unet_config(), OFFICIAL)
-    written = ckpt.flashface_unets_state_dict(main, refnet)
+        main, refnet, reference = build_flashface_models(sd15_unet_config(), OFFICIAL)
+    written = ckpt.flashface_unets_state_dict(main, refnet, reference)
     assert [(k, tuple(v.shape)) for k, v in written.items()] == official_rows
 
 
@@ -421,7 +428,7 @@ def test_official_release_loads(official_parts):
     assert unet.config.in_channels == 5 and refnet.config.in_channels == 4
     assert unet.config.block_out_channels == tiny_flashface_unet_config()["block_out_channels"]
     assert unet.config.norm_eps == 1e-6 and unet.config.attention_head_dim == 8
-    assert all(not t.is_meta for part in ("unet", "refnet", "text_encoder", "vae")
+    assert all(not t.is_meta for part in ("unet", "refnet", "reference_attention", "text_encoder", "vae")
                for t in [*official_parts[part].parameters(), *official_parts[part].buffers()])  # fmt: skip
     assert official_parts["tokenizer"]("a photo").input_ids == [49406, 320, 1125, 49407]
     assert official_parts["scheduler"].config.timestep_spacing == "trailing"
@@ -512,8 +519,10 @@ def test_planted_values_reach_their_targets(official_dir, tmp_path):
     parts = ckpt.load_official_flashface(_rewrite(official_dir, tmp_path / "planted", unet=unet_state, clip=clip,
                                                   vae=vae_state))  # fmt: skip
     unet, refnet = parts["unet"].state_dict(), parts["refnet"].state_dict()
+    reference = parts["reference_attention"].state_dict()
     block = "up_blocks.1.attentions.2.transformer_blocks.0"
-    assert (unet[f"{block}.attn_ref.to_q.weight"] == 1.5).all()
+    index = REFERENCE_BLOCKS.index(block)
+    assert (reference[f"attentions.{index}.to_q.weight"] == 1.5).all()
     assert (unet[f"{block}.attn1.to_q.weight"] == 2.5).all()
     assert (unet["up_blocks.0.upsamplers.0.conv.weight"] == 3.5).all()
     assert (unet["up_blocks.2.upsamplers.0.conv.bias"] == 4.5).all()
@@ -523,7 +532,8 @@ def test_planted_values_reach_their_targets(official_dir, tmp_path):
         assert (state[f"{mid}.ff.net.0.proj.weight"] == 6.5).all()
         assert (state["conv_out.bias"] == 8.5).all()
         assert (state["time_embedding.linear_1.weight"] == 9.5).all()
-    assert (unet[f"{mid}.attn_ref.to_out.0.bias"] == 7.5).all() and f"{mid}.attn_ref.to_out.0.bias" not in refnet
+    assert (reference["attentions.0.to_out.0.bias"] == 7.5).all()  # REFERENCE_BLOCKS[0] is the mid block's
+    assert not any((v == 7.5).all() for state in (unet, refnet) for v in state.values())
     assert (refnet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == 10.5).all()
     assert not (unet["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == 10.5).any()
     assert (refnet["up_blocks.3.resnets.2.conv_shortcut.weight"] == 11.5).all()
@@ -557,8 +567,8 @@ def tiny_state(official_dir) -> dict:
 
 def _convert_unets(state):
     with torch.device("meta"):
-        main, refnet = build_flashface_models(tiny_flashface_unet_config(), OFFICIAL)
-    return ckpt.convert_flashface_unets(state, main, refnet)
+        main, refnet, reference = build_flashface_models(tiny_flashface_unet_config(), OFFICIAL)
+    return ckpt.convert_flashface_unets(state, main, refnet, reference)
 
 
 @pytest.mark.parametrize(
@@ -592,7 +602,8 @@ def test_corrupted_checkpoint_raises_naming_the_key(tiny_state, edit, named):
 
 def test_complete_checkpoint_converts_with_a_report(tiny_state):
     report = _convert_unets(tiny_state["unet"])
-    assert report.num_keys == 2142 and report.assigned == {"unet": 736, "refnet": 686}
+    assert report.num_keys == 2142
+    assert report.assigned == {"unet": 686, "refnet": 686, "reference_attention": 50}
     assert "ref_middle." in report.dropped and "never executed" in report.dropped["ref_middle."]
     assert "2142 keys" in str(report)
 
@@ -656,8 +667,13 @@ class _NotATensor:
 
 
 def test_converted_folder_round_trip_is_bit_identical(official_parts, tmp_path):
-    out = ckpt.save_converted_flashface(official_parts, tmp_path / "converted")
-    assert json.loads((out / "flashface.json").read_text()) == {"variant": "flashface"}
+    from idfusion.pipelines import FlashFacePipeline
+
+    out = tmp_path / "converted"
+    FlashFacePipeline(**official_parts, release="flashface").save_pretrained(out)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "FlashFacePipeline" and index["release"] == "flashface"
+    assert index["reference_attention"] == ["idfusion.methods.flashface", "FlashFaceReferenceAttention"]
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 5
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDIMScheduler"
@@ -667,21 +683,21 @@ def test_converted_folder_round_trip_is_bit_identical(official_parts, tmp_path):
         "steps_offset": 0, "clip_sample": False, "set_alpha_to_one": False, "prediction_type": "epsilon",
     }  # fmt: skip
 
-    loaded = ckpt.load_converted_flashface(out)
-    for name in ("unet", "refnet", "text_encoder", "vae"):
-        before, after = official_parts[name].state_dict(), loaded[name].state_dict()
+    loaded = FlashFacePipeline.from_pretrained(out)
+    for name in ("unet", "refnet", "reference_attention", "text_encoder", "vae"):
+        before, after = official_parts[name].state_dict(), getattr(loaded, name).state_dict()
         assert before.keys() == after.keys(), name
         assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before), name
-    assert any(".attn_ref." in k for k in loaded["unet"].state_dict())
-    assert loaded["tokenizer"]("a photo").input_ids == official_parts["tokenizer"]("a photo").input_ids
-    assert loaded["scheduler"].config.timestep_spacing == "trailing"
+    assert all(".attn_ref." not in k for k in loaded.unet.state_dict())  # the UNet is a plain diffusers UNet
+    assert loaded.tokenizer("a photo").input_ids == official_parts["tokenizer"]("a photo").input_ids
+    assert loaded.scheduler.config.timestep_spacing == "trailing"
 
-    half = ckpt.load_converted_flashface(out, torch_dtype=torch.float16)
-    assert half["unet"].dtype == torch.float16 and half["text_encoder"].dtype == torch.float16
+    half = FlashFacePipeline.from_pretrained(out, torch_dtype=torch.float16)
+    assert half.unet.dtype == torch.float16 and half.text_encoder.dtype == torch.float16
 
-    (out / "refnet" / ckpt.WEIGHTS_NAME).unlink()
-    with pytest.raises(ModelFilesError, match="refnet/diffusion_pytorch_model.safetensors"):
-        ckpt.load_converted_flashface(out)
+    (out / "refnet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFilesError, match="refnet"):
+        FlashFacePipeline.from_pretrained(out)
 
 
 def test_open_flashface_folder_loads(tmp_path):

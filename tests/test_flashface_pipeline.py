@@ -11,7 +11,7 @@ from idfusion.faces import FaceAnalyzer
 from idfusion.methods import flashface as ff
 
 
-def _pipeline(variant):
+def _pipeline(release):
     from diffusers import DDIMScheduler
 
     from idfusion.clip_tokenizer import load_clip_tokenizer
@@ -19,18 +19,17 @@ def _pipeline(variant):
     from idfusion.testing.components import tiny_text_encoder, tiny_unet_config, tiny_vae
 
     torch.manual_seed(0)
-    unet, refnet = ff.build_flashface_models(tiny_unet_config(layers_per_block=2), variant)
+    unet, refnet, reference = ff.build_flashface_models(tiny_unet_config(layers_per_block=2), release)
     with torch.no_grad():  # random (non-zero) mask channel and reference attention, as in a trained model
-        if variant.in_channels == 5:
+        if release.in_channels == 5:
             unet.conv_in.weight[:, 4].normal_(std=0.5)
-        for block in ff.reference_blocks(unet).values():
-            if hasattr(block, "attn_ref"):
-                for p in block.attn_ref.parameters():
-                    p.add_(torch.randn_like(p) * 0.2)
+        if reference is not None:
+            for p in reference.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, **variant.scheduler_config)  # fmt: skip
+                              set_alpha_to_one=False, **release.scheduler_config)  # fmt: skip
     pipe = FlashFacePipeline(tiny_vae(), tiny_text_encoder(), load_clip_tokenizer(), unet.eval(), refnet.eval(),
-                             scheduler, variant=variant.name)  # fmt: skip
+                             scheduler, reference, release=release.name)  # fmt: skip
     pipe.set_face_analyzer(FaceAnalyzer("hog", None, crops=()))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -49,6 +48,8 @@ def open_release():
 def _run(pipe, **kwargs):
     kwargs.setdefault("seed", 0)
     kwargs.setdefault("num_inference_steps", 4)  # trailing: t = 999 (phase A), 749, 499, 249 (phase B)
+    kwargs.setdefault("height", 64)
+    kwargs.setdefault("width", 64)
     return np.stack(pipe(output_type="np", **kwargs).images)
 
 
@@ -111,16 +112,16 @@ def test_face_box_steers_and_zero_box_means_none(official):
 def test_speed_paths_equal_the_official_computation(official):
     """Skipping terms with zero weight, projecting references once and sharing the down path of branches that
     only differ in reference strength change nothing: the official step-by-step loop gives the same images."""
-    from idfusion.bench import flashface_official_loop, use_official_processors
+    from idfusion.testing.reference_flashface import flashface_official_loop, use_official_processors
 
     latents = torch.randn(4, 4, 28, 28, generator=torch.Generator().manual_seed(4))
     ours = official(reference_latents=latents, prompt="a photo of a person", seed=11, num_inference_steps=4,
-                    output_type="np").images  # fmt: skip
+                    height=64, width=64, output_type="np").images  # fmt: skip
     try:
         use_official_processors(official)
-        reference = flashface_official_loop(official, latents, 4, 11)
+        reference = flashface_official_loop(official, latents, 4, 11, size=64)
     finally:
-        ff.attach_reference_processors(official.unet, official.refnet, official.bank, official.variant)
+        ff.attach_reference_processors(official.unet, official.refnet, official.bank, official.reference_attention)
     np.testing.assert_allclose(np.stack(ours), reference, atol=1e-4)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from idfusion.methods.fact import (
     FaceAdapterAttnProcessor,
     adapter_sites,
+    attach_face_adapter,
     load_fact_adapter,
     set_face_adapter_scale,
 )
@@ -49,14 +50,14 @@ def _base() -> dict:
     from idfusion.clip_tokenizer import load_clip_tokenizer
 
     unet = components.tiny_unet(seed=1, **tiny_fact_unet_config())
-    resampler, _ = load_fact_adapter(tiny_fact_adapter_state_dict(unet, seed=3), unet)
-    set_face_adapter_scale(unet, 0.5)
+    adapter = load_fact_adapter(tiny_fact_adapter_state_dict(unet, seed=3), unet)
     generator = torch.Generator().manual_seed(7)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        face = resampler.identity_tokens(torch.randn(1, 144, 32, generator=generator))  # (1, 16, 32)
+        face = adapter.resampler.identity_tokens(torch.randn(1, 144, 32, generator=generator))  # (1, 16, 32)
     return {
         "unet": unet,
+        "adapter": adapter,
         "text_encoder": components.tiny_text_encoder(seed=2),
         "vae": components.tiny_vae(),
         "tokenizer": load_clip_tokenizer(),
@@ -73,6 +74,9 @@ class Tiny:
 
         base = _base()
         unet, text_encoder = copy.deepcopy(base["unet"]), copy.deepcopy(base["text_encoder"])
+        self.adapter = base["adapter"]  # shared and never changed: LoRAs go into the UNet and text encoder only
+        attach_face_adapter(unet, self.adapter)
+        set_face_adapter_scale(unet, 0.5)
         self.processors = [block.attn2.processor for block in adapter_sites(unet).values()]
         assert all(isinstance(p, FaceAdapterAttnProcessor) for p in self.processors)
         self.pipe = StableDiffusionPipeline(
@@ -108,10 +112,10 @@ class Tiny:
         )
 
     def fact_processors_intact(self) -> bool:
-        found = [m.processor for m in self.unet.modules() if isinstance(getattr(m, "processor", None), nn.Module)]
+        found = [m.processor for m in self.unet.modules() if hasattr(m, "processor")]
         fact = [p for p in found if isinstance(p, FaceAdapterAttnProcessor)]
-        # the processors' own layers are not LoRA targets: they stay plain Linear modules
-        wrapped = any(hasattr(m, "base_layer") for p in fact for m in p.modules())
+        # the adapter's own layers are not LoRA targets: they stay plain Linear modules
+        wrapped = any(hasattr(m, "base_layer") for m in self.adapter.modules())
         return len(fact) == 16 and fact == self.processors and not wrapped
 
 

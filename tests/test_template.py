@@ -11,8 +11,7 @@ import pytest
 from idfusion.errors import FaceIndexError, NoFaceError
 from idfusion.faces import Detection, Face, FaceAnalyzer
 from idfusion.faces.masks import face_mask
-from idfusion.images import load_image
-from idfusion.pipelines.template import (
+from idfusion.flows.template import (
     TemplateCrop,
     TemplatePortrait,
     canny_condition,
@@ -25,6 +24,7 @@ from idfusion.pipelines.template import (
     select_template_faces,
     square_crop_box,
 )
+from idfusion.images import load_image
 
 GREEN = (0, 255, 0)
 

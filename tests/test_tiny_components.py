@@ -24,7 +24,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from idfusion.errors import IdfusionError
-from idfusion.testing import MAKE_TINY, components, make_tiny
+from idfusion.testing import components, make_tiny, tiny_writers
 from idfusion.testing.components import (
     build_safety_checker,
     build_text_encoder,
@@ -46,6 +46,7 @@ from idfusion.testing.components import (
     tiny_vae,
     tiny_vae_config,
 )
+from idfusion.testing.make_tiny import KITS
 
 SD15_FILES = {
     "model_index.json",
@@ -403,8 +404,11 @@ def test_make_tiny_overwrite_replaces_component_folders(tmp_path: Path):
 
 
 def test_make_tiny_registry():
-    assert {"sd15", "antelopev2"} <= MAKE_TINY.keys()
-    assert all(callable(writer) for writer in MAKE_TINY.values())
+    from idfusion.registry import method_names, resolve
+
+    writers = tiny_writers()
+    assert {"sd15", "antelopev2", *method_names()} == writers.keys()
+    assert all(callable(w if callable(w) else resolve(w)) for w in writers.values())
 
 
 def test_make_tiny_antelopev2(tmp_path: Path):
@@ -421,12 +425,15 @@ def test_failed_writer_leaves_nothing_behind(tmp_path: Path, monkeypatch):
         (out_dir / "half.json").write_text("{")
         raise RuntimeError("writer failed")
 
-    monkeypatch.setitem(MAKE_TINY, "broken", broken)
+    monkeypatch.setitem(KITS, "broken", broken)
     with pytest.raises(RuntimeError, match="writer failed"):
         make_tiny("broken", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_importing_the_test_kit_is_cheap():
-    code = "import sys, idfusion.testing as t; assert 'torch' not in sys.modules; t.make_tiny; t.MAKE_TINY['sd15']"
+    code = (
+        "import sys, idfusion.testing as t; assert 'torch' not in sys.modules; t.make_tiny; t.tiny_writers()['sd15'];"
+        " assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

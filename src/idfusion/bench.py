@@ -6,7 +6,7 @@ drift in machine load hits both. Reported per pipeline: median seconds per denoi
 of ``__call__``: identity encoding, prompt encoding, sampling, VAE decode), and peak resident memory (and peak
 VRAM on CUDA) during its runs.
 
-Methods register a :class:`BenchCase` in :data:`BENCH_CASES`.
+A method's registry entry names its :class:`BenchCase` (``bench="idfusion.bench:ARC2FACE"``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BENCH_CASES", "BenchCase", "BenchResult", "run_bench", "format_table", "write_benchmarks_doc"]
+__all__ = [
+    "ARC2FACE",
+    "FACT",
+    "FEEDFACE",
+    "FLASHFACE",
+    "BenchCase",
+    "BenchResult",
+    "run_bench",
+    "format_table",
+    "write_benchmarks_doc",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,48 +103,52 @@ class _PeakRSS:
 
 def full_size_components(dtype: torch.dtype, device: str, *, tiny: bool = False) -> dict:
     """Random SD1.5 components at full size (or tiny, for a quick smoke run), the real CLIP tokenizer."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler
 
+    from . import sd15
     from .clip_tokenizer import load_clip_tokenizer
-    from .testing import components as c
 
     torch.manual_seed(0)
     if tiny:
-        unet, vae, text = c.tiny_unet(cross_attention_dim=512), c.tiny_vae(), c.tiny_text_encoder(hidden_size=512)
+        unet = sd15.build_unet(sd15.tiny_unet_config(cross_attention_dim=512, layers_per_block=2))
+        vae = sd15.build_vae(sd15.tiny_vae_config())
+        text = sd15.build_text_encoder(sd15.tiny_text_encoder_config(hidden_size=512))
     else:
-        unet = UNet2DConditionModel.from_config(c.sd15_unet_config())
-        vae = AutoencoderKL.from_config(c.sd15_vae_config())
-        text = CLIPTextModel(CLIPTextConfig(**c.sd15_text_encoder_config()))
+        unet = sd15.build_unet(sd15.sd15_unet_config())
+        vae = sd15.build_vae(sd15.sd15_vae_config())
+        text = sd15.build_text_encoder(sd15.sd15_text_encoder_config())
     modules = {"unet": unet, "vae": vae, "text_encoder": text}
     for module in modules.values():
-        module.to(device=device, dtype=dtype).eval()
-    from diffusers import PNDMScheduler
-
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return {
         **modules,
         "tokenizer": load_clip_tokenizer(),
-        "scheduler": PNDMScheduler.from_config(c.sd15_scheduler_config()),
+        "scheduler": PNDMScheduler.from_config(sd15.sd15_scheduler_config()),
+        "_tiny": tiny,
     }
 
 
-def _baseline(components: dict, scheduler: str):
-    from diffusers import StableDiffusionPipeline
+def _baseline(size: int | None = None):
+    def build(components: dict, scheduler: str):
+        from diffusers import StableDiffusionPipeline
 
-    from .pipelines.common import make_scheduler
+        from .pipelines.scheduling import make_scheduler
 
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], scheduler=make_scheduler(scheduler, components["scheduler"].config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+        pipe = StableDiffusionPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+            unet=components["unet"], scheduler=make_scheduler(scheduler, components["scheduler"].config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        side = None if size is None or components["_tiny"] else size
 
-    def call(steps, generator, on_step):
-        return pipe("photo of a person", num_inference_steps=steps, guidance_scale=3.0, generator=generator,
-                    output_type="np", callback_on_step_end=on_step).images  # fmt: skip
+        def call(steps, generator, on_step):
+            return pipe("photo of a person", num_inference_steps=steps, guidance_scale=3.0, generator=generator,
+                        height=side, width=side, output_type="np", callback_on_step_end=on_step).images  # fmt: skip
 
-    return call
+        return call
+
+    return build
 
 
 def _arc2face(components: dict, scheduler: str):
@@ -154,133 +168,46 @@ def _arc2face(components: dict, scheduler: str):
     return call
 
 
-class OfficialReadProcessor:
-    """The official reference update written out as the released code computes it: every term for every sample of
-    the batch, with the reference tokens repeated per sample (``(n, L, C) -> (B, n*L, C)``) before projection."""
-
-    def __init__(self, bank, key, reference_attention):
-        self.bank, self.key, self.reference_attention = bank, key, reference_attention
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        from .methods.flashface import _attention
-
-        y = hidden_states
-        batch = y.shape[0]
-        if self.bank.writing:
-            self.bank.tokens[self.key] = y
-            return _attention(attn, y, y)
-        tokens = self.bank.tokens.get(self.key)
-        lam = self.bank.strength.to(y).view(batch, 1, 1) if tokens is not None else y.new_zeros(batch, 1, 1)
-        ref = self.reference_attention
-        out = _attention(attn, y, y) + (1 - lam) * _attention(ref, y, y)
-        if tokens is not None:
-            n, length, channels = tokens.shape
-            repeated = tokens.reshape(1, n * length, channels).repeat(batch, 1, 1)  # (B, n*L, C), materialised
-            out = out + lam * _attention(ref, y, torch.cat([y, repeated], dim=1))
-        return out
-
-
-def flashface_full_size(components: dict, dtype: torch.dtype, device: str, tiny: bool):
+def flashface_full_size(components: dict):
     """A random FlashFace (official) pipeline at full size sharing the benchmark's VAE and text encoder."""
-    from diffusers import DDIMScheduler
+    if components.get("_flashface") is None:
+        from diffusers import DDIMScheduler
 
-    from .methods.flashface import OFFICIAL, build_flashface_models
-    from .pipelines.pipeline_flashface import FlashFacePipeline
-    from .testing import components as c
+        from . import sd15
+        from .convert.flashface import flashface_scheduler_config
+        from .methods.flashface import OFFICIAL, build_flashface_models
+        from .pipelines.pipeline_flashface import FlashFacePipeline
 
-    torch.manual_seed(1)
-    # FlashFace's GroupNorms use eps 1e-6 (SD1.5: 1e-5)
-    config = c.tiny_unet_config(layers_per_block=2, cross_attention_dim=512) if tiny else c.sd15_unet_config()
-    config = {**config, "norm_eps": 1e-6}
-    unet, refnet = build_flashface_models(config, OFFICIAL)
-    for module in (unet, refnet):
-        module.to(device=device, dtype=dtype).eval()
-    scheduler = DDIMScheduler.from_config(
-        {**c.sd15_scheduler_config(), **OFFICIAL.scheduler_config, "clip_sample": False, "set_alpha_to_one": False}
-    )
-    pipe = FlashFacePipeline(
-        components["vae"], components["text_encoder"], components["tokenizer"], unet, refnet, scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def use_official_processors(pipe) -> None:
-    """Swap the main UNet's reference processors for :class:`OfficialReadProcessor` (same math, official work)."""
-    from .methods.flashface import reference_blocks
-
-    for path, block in reference_blocks(pipe.unet).items():
-        block.attn1.set_processor(OfficialReadProcessor(pipe.bank, path, block.attn_ref))
-
-
-@torch.no_grad()
-def flashface_official_loop(pipe, reference_latents: torch.Tensor, steps: int, seed: int, on_step=None):
-    """The official sampling control flow, step by step (``ContextGaussianDiffusion.denoise`` + ``RefStableUNet``):
-    each step runs the ReferenceNet on the clean references at the current t with the negative prompt, then one main
-    UNet call over all branches (``[pos, neg]`` at lambda_0 while t > T*, then ``[pos + ref, pos, neg]`` with
-    lambda ``[lam, 0, 0]``), two-phase guidance with CFG-rescale 0.5, DDIM (trailing). Defaults as the demo.
-    Used with :class:`OfficialReadProcessor` as the reference for the pipeline's output and speed."""
-    from .methods import flashface as ff
-    from .pipelines import pipeline_flashface as pf
-    from .pipelines.common import make_scheduler
-
-    positive, negative = pipe.encode_prompts(
-        [f"a photo of a person, {pf.OFFICIAL_POSITIVE_POSTFIX}", f", {pf.OFFICIAL_NEGATIVE_POSTFIX}"]
-    ).chunk(2)
-    size = pipe._native_size() or pipe.unet.config.sample_size * 8
-    scheduler = make_scheduler("ddim", pipe._base_scheduler_config)
-    scheduler.set_timesteps(steps)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn((1, 4, size // 8, size // 8), generator=generator).to(positive)
-    latents = latents * scheduler.init_noise_sigma
-    mask = ff.face_position_mask(None, size, size).to(latents)
-    pipe.bank.weights = None
-    for i, t in enumerate(scheduler.timesteps):
-        pipe.write_references(reference_latents.to(positive), t, negative.expand(reference_latents.shape[0], -1, -1))
-        if int(t) > pf.OFFICIAL_GUIDANCE_START:
-            contexts, lams = torch.cat([positive, negative]), [pf.OFFICIAL_STRENGTH_BEFORE_GUIDANCE] * 2
+        unet = components["unet"]
+        torch.manual_seed(1)
+        # FlashFace's GroupNorms use eps 1e-6 (SD1.5: 1e-5)
+        if components["_tiny"]:
+            config = sd15.tiny_unet_config(layers_per_block=2, cross_attention_dim=512)
         else:
-            contexts, lams = torch.cat([positive, positive, negative]), [ff.OFFICIAL.reference_strength, 0.0, 0.0]
-        branches = len(lams)
-        model_input = torch.cat([latents.repeat(branches, 1, 1, 1), mask.expand(branches, -1, -1, -1)], dim=1)
-        pipe.bank.strength = torch.tensor(lams)
-        noise = pipe.unet(model_input, t, encoder_hidden_states=contexts).sample  # every branch, full UNet
-        guided = ff.flashface_guidance(
-            noise.view(branches, 1, *noise.shape[1:]), text_scale=ff.OFFICIAL.guidance_scale,
-            reference_scale=pf.OFFICIAL_REFERENCE_GUIDANCE if branches == 3 else None, rescale=pf.OFFICIAL_RESCALE,
+            config = sd15.sd15_unet_config()
+        main, refnet, reference = build_flashface_models({**config, "norm_eps": 1e-6}, OFFICIAL)
+        for module in (main, refnet, reference):
+            module.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
+        pipe = FlashFacePipeline(
+            components["vae"], components["text_encoder"], components["tokenizer"], main, refnet,
+            DDIMScheduler.from_config(flashface_scheduler_config(OFFICIAL)), reference,
         )  # fmt: skip
-        latents = scheduler.step(guided, t, latents).prev_sample
-        if on_step is not None:
-            on_step(pipe, i, t, {})
-    pipe.bank.clear()
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return ((image.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+        pipe.set_progress_bar_config(disable=True)
+        components["_flashface"] = pipe
+    return components["_flashface"]
 
 
-def _flashface_case(official: bool):
-    def build(components: dict, scheduler: str):
-        if components.get("_flashface") is None:
-            unet = components["unet"]
-            components["_flashface"] = flashface_full_size(
-                components, unet.dtype, unet.device.type, components.get("_tiny", False)
-            )
-        pipe = components["_flashface"]
-        latents = torch.randn(4, 4, 28, 28, generator=torch.Generator().manual_seed(0))
+def _flashface(components: dict, scheduler: str):
+    pipe = flashface_full_size(components)
+    latents = torch.randn(4, 4, 28, 28, generator=torch.Generator().manual_seed(0))
+    side = 64 if components["_tiny"] else None
 
-        def call(steps, generator, on_step):
-            from .methods.flashface import attach_reference_processors
+    def call(steps, generator, on_step):
+        return pipe(reference_latents=latents, prompt="a photo of a person", num_inference_steps=steps, height=side,
+                    width=side, seed=int(generator.initial_seed()), callback_on_step_end=on_step,
+                    output_type="np").images  # fmt: skip
 
-            seed = int(generator.initial_seed())
-            if official:
-                use_official_processors(pipe)
-                return flashface_official_loop(pipe, latents, steps, seed, on_step)
-            attach_reference_processors(pipe.unet, pipe.refnet, pipe.bank, pipe.variant)
-            return pipe(reference_latents=latents, prompt="a photo of a person", num_inference_steps=steps,
-                        seed=seed, callback_on_step_end=on_step, output_type="np").images  # fmt: skip
-
-        return call
-
-    return build
+    return call
 
 
 def _fact(components: dict, scheduler: str):
@@ -291,26 +218,26 @@ def _fact(components: dict, scheduler: str):
     from .methods import fact
     from .pipelines.pipeline_fact import FaceTokens, FactPipeline
 
-    unet = copy.deepcopy(components["unet"])
-    device, dtype, width = unet.device, unet.dtype, unet.config.cross_attention_dim
+    unet = copy.deepcopy(components["unet"])  # the baseline's UNet keeps its own processors
+    device, dtype = unet.device, unet.dtype
     torch.manual_seed(2)
-    processors = fact.attach_face_adapter(unet, cross_attention_dim=width)
-    for processor in processors.values():
-        with torch.no_grad():
-            processor.alpha_attn.fill_(0.5)
-            processor.alpha_dense.fill_(-0.5)
-    tiny = components.get("_tiny", False)
-    face_encoder = fact.TransFaceViT(**({"embed_dim": 64, "depth": 2} if tiny else {})).eval()
-    resampler = fact.FaceResampler(embedding_dim=face_encoder.embed_dim, output_dim=width).eval()
+    tiny = components["_tiny"]
+    face_encoder = fact.TransFaceViT(**({"embed_dim": 64, "depth": 2} if tiny else {}))
+    adapter = fact.FactFaceAdapter.for_unet(unet, resampler={"embedding_dim": face_encoder.embed_dim})
+    with torch.no_grad():
+        for site in adapter.sites:
+            site.alpha_attn.fill_(0.5)
+            site.alpha_dense.fill_(-0.5)
+    for module in (face_encoder, adapter):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pipe = FactPipeline(components["vae"], components["text_encoder"], components["tokenizer"], unet,
-                        components["scheduler"])  # fmt: skip
-    pipe.face_encoder, pipe.resampler = face_encoder.to(device, dtype), resampler.to(device, dtype)
+                        components["scheduler"], face_encoder=face_encoder, face_adapter=adapter)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     crop = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3), dtype=np.uint8)
 
     def call(steps, generator, on_step):
-        tokens = fact.encode_face_tokens(pipe.face_encoder, pipe.resampler, crop)  # the per-request face work
-        identity = FaceTokens(tokens, pipe.resampler.unconditional(1))
+        tokens = fact.encode_face_tokens(pipe.face_encoder, adapter.resampler, crop)  # the per-request face work
+        identity = FaceTokens(tokens, adapter.resampler.unconditional(1))
         return pipe(face_tokens=identity, prompt="photo of a person", num_inference_steps=steps, guidance_scale=3.0,
                     scheduler=scheduler, seed=int(generator.initial_seed()), callback_on_step_end=on_step,
                     output_type="np").images  # fmt: skip
@@ -322,21 +249,22 @@ def feedface_full_size(components: dict):
     """A random FeedFace pipeline at full size (UniDiffuser-v1 U-ViT, feed adapter with its CLIP-B/32 tower, caption
     decoder) sharing the benchmark's VAE and CLIP text encoder, which are UniDiffuser's too; built once per run."""
     if components.get("_feedface") is None:
-        from diffusers import DPMSolverSinglestepScheduler, UniDiffuserModel, UniDiffuserTextDecoder
+        from diffusers import UniDiffuserModel, UniDiffuserTextDecoder
 
+        from .convert import feedface as ckpt
         from .methods import feedface
-        from .methods import feedface_checkpoint as ckpt
         from .pipelines.pipeline_feedface import FeedFacePipeline
+        from .pipelines.scheduling import make_scheduler
 
         unet, text_encoder = components["unet"], components["text_encoder"]
         device, dtype = unet.device, unet.dtype
         torch.manual_seed(3)
-        if components.get("_tiny", False):
-            from .testing.tiny_feedface_adapter import TINY_VISION_CONFIG
-            from .testing.tiny_feedface_base import tiny_uvit_config
-
-            uvit = UniDiffuserModel(**tiny_uvit_config(sample_size=64))
-            adapter = feedface.FeedAdapter(uvit.inner_dim, vision_config=TINY_VISION_CONFIG)
+        if components["_tiny"]:
+            config = {**ckpt.UVIT_V1_CONFIG, "num_layers": 29, "attention_head_dim": 16, "num_attention_heads": 8,
+                      "text_dim": 16, "clip_img_dim": 32, "sample_size": 8}  # fmt: skip
+            uvit = UniDiffuserModel(**config)
+            adapter = feedface.FeedAdapter(uvit.inner_dim, vision_config={"hidden_size": 32, "intermediate_size": 64,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4})  # fmt: skip
             decoder_config = ckpt.text_decoder_config(n_layer=1, prefix_hidden_dim=uvit.config.text_dim)
         else:
             uvit, adapter = UniDiffuserModel(**ckpt.UVIT_V1_CONFIG), feedface.FeedAdapter()
@@ -346,11 +274,10 @@ def feedface_full_size(components: dict):
             for block in adapter.blocks:
                 block.zero_linear.weight.normal_(0, 1e-3)
         for module in (uvit, adapter, decoder):
-            module.to(device=device, dtype=dtype).eval()
-        scheduler = DPMSolverSinglestepScheduler.from_config(feedface.SCHEDULER_CONFIG)
-        pipe = FeedFacePipeline(components["vae"], text_encoder, components["tokenizer"], decoder, uvit, scheduler)
-        pipe.feed = adapter
-        pipe._attach_feed()
+            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        scheduler = make_scheduler(feedface.SCHEDULER, feedface.SCHEDULER_CONFIG)
+        pipe = FeedFacePipeline(components["vae"], text_encoder, components["tokenizer"], decoder, uvit, scheduler,
+                                adapter)  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         components["_feedface"] = pipe
     return components["_feedface"]
@@ -362,12 +289,14 @@ def _feedface_case(adapter: bool):
 
         pipe = feedface_full_size(components)
         crop = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+        side = 64 if components["_tiny"] else None
 
         def call(steps, generator, on_step):
-            pixels = feedface.preprocess_faces(crop).to(pipe.unet.device, pipe.unet.dtype)
-            tokens = pipe.feed.encode_faces(pixels) if adapter else torch.zeros(1, 50, pipe.feed.dim)
+            tokens = (
+                feedface.encode_face_crops(pipe.feed, list(crop)) if adapter else torch.zeros(1, 50, pipe.feed.dim)
+            )
             return pipe(face_tokens=tokens, prompt="photo of a person", feed_scale=0.8 if adapter else 0.0,
-                        num_inference_steps=steps, scheduler=scheduler, seed=int(generator.initial_seed()),
+                        num_inference_steps=steps, height=side, width=side, seed=int(generator.initial_seed()),
                         callback_on_step_end=on_step, output_type="np").images  # fmt: skip
 
         return call
@@ -375,31 +304,29 @@ def _feedface_case(adapter: bool):
     return build
 
 
-BENCH_CASES: dict[str, BenchCase] = {
-    "arc2face": BenchCase("arc2face", _arc2face, goal=1.02),
-    "fact": BenchCase("fact", _fact, goal=1.25, batch="1 image, CFG (UNet batch 2), 77 + 16 tokens"),
-    # FlashFace against the official control flow on the same weights: goal 1.3x faster, i.e. ratio <= 1/1.3
-    "flashface": BenchCase(
-        "flashface",
-        _flashface_case(official=False),
-        goal=round(1 / 1.3, 3),
-        baseline=_flashface_case(official=True),
-        baseline_name="flashface (official control flow)",
-        size="768x768, 4 references",
-        sampling="ddim (trailing)",
-        batch="1 image, 2 guidance branches while t > 750, then 3",
-    ),
-    # FeedFace against the bare U-ViT (adapter multiplier 0 skips every feed block) on the same weights
-    "feedface": BenchCase(
-        "feedface",
-        _feedface_case(adapter=True),
-        goal=1.2,
-        baseline=_feedface_case(adapter=False),
-        baseline_name="unidiffuser-v1 U-ViT (bare)",
-        size="512x512, 1 reference",
-        batch="1 image, 2 U-ViT calls per step (conditional with the adapter, unconditional without)",
-    ),
-}
+ARC2FACE = BenchCase("arc2face", _arc2face, goal=1.02)
+FACT = BenchCase("fact", _fact, goal=1.25, batch="1 image, CFG (UNet batch 2), 77 + 16 tokens")
+# FlashFace against plain SD1.5 at its resolution: the method's overhead (the comparison with the official control
+# flow on the same weights is benchmarks/bench_flashface_official.py)
+FLASHFACE = BenchCase(
+    "flashface",
+    _flashface,
+    baseline=_baseline(768),
+    baseline_name="sd15 (diffusers, 768)",
+    size="768x768, 4 references",
+    sampling="ddim (trailing)",
+    batch="1 image, 2 guidance branches while t > 750, then 3",
+)
+# FeedFace against the bare U-ViT (adapter multiplier 0 skips every feed block) on the same weights
+FEEDFACE = BenchCase(
+    "feedface",
+    _feedface_case(adapter=True),
+    goal=1.2,
+    baseline=_feedface_case(adapter=False),
+    baseline_name="unidiffuser-v1 U-ViT (bare)",
+    size="512x512, 1 reference",
+    batch="1 image, 2 U-ViT calls per step (conditional with the adapter, unconditional without)",
+)
 
 
 def _time_runs(call, steps: int, repeats: int, device: str) -> tuple[list[float], list[float], Any]:
@@ -437,18 +364,19 @@ def run_bench(
 ) -> dict:
     """Time ``method`` against its baseline (plain diffusers SD1.5, or for FlashFace the official control flow on
     the same weights); returns a JSON-ready dict (see module docstring)."""
-    if method not in BENCH_CASES:
-        raise ValueError(f"no benchmark for {method!r}; available: {', '.join(BENCH_CASES)}")
+    from .registry import get_method, methods, resolve
+
+    if get_method(method).bench is None:
+        raise ValueError(f"no benchmark for {method!r}; available: {', '.join(s.name for s in methods() if s.bench)}")
     if steps < 2:
         raise ValueError("steps must be at least 2 (step times are measured between steps)")
     say = progress or logger.info
     torch_dtype = getattr(torch, dtype)
     say(f"building random {'tiny' if tiny else 'full-size'} SD1.5 components ({dtype}, {device})")
     components = full_size_components(torch_dtype, device, tiny=tiny)
-    components["_tiny"] = tiny
-    case = BENCH_CASES[method]
+    case = resolve(get_method(method).bench)
     calls = {
-        case.baseline_name: (case.baseline or _baseline)(components, scheduler),
+        case.baseline_name: (case.baseline or _baseline())(components, scheduler),
         method: case.build(components, scheduler),
     }
     for name, call in calls.items():  # warm-up: first-call allocations and kernel selection

@@ -79,6 +79,7 @@ _CORE_KEYS = frozenset(
         "model_files",
         "idfusion_version",
         "id_embeds",  # kilobytes of base64: useful only to idfusion, which reads the JSON chunk
+        "scheduler_config",  # the sampler's full config, for an exact replay
     }
 )
 # Our key -> the name A1111/civitai use for the same thing.
@@ -197,7 +198,7 @@ def parameters_text(metadata: Mapping[str, Any]) -> str:
     fields.append(("Version", f"idfusion {metadata.get('idfusion_version') or __version__}"))
     line = ", ".join(f"{name}: {_quote(_format_value(value))}" for name, value in fields)
 
-    prompt = str(metadata.get("prompt") or "")
+    prompt = str(metadata.get("prompt") or metadata.get("composed_prompt") or "")
     negative = metadata.get("negative_prompt")
     negative_text = f"\nNegative prompt: {negative}" if negative else ""
     # Same assembly (and .strip()) as A1111's create_infotext, so an empty prompt leaves no blank first line.

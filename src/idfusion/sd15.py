@@ -1,7 +1,8 @@
 """Stable Diffusion 1.5: the release's configs, builders from config, and its official state-dict key names.
 
 Every SD1.5-family method (Arc2Face, AdaFace, FlashFace, FACT, FeedFace-SD1.5) and the test kit build models from
-these configs, so each constant lives here once. Full-size models can be built on the ``meta`` device
+these configs, so each constant lives here once. The ``tiny_*`` configs are SD1.5's topology at toy width: the test
+kit's models, the quick benchmark, and the synthetic world's base model. Full-size models can be built on the ``meta`` device
 (``with torch.device("meta"): build_unet(sd15_unet_config())``) to check shapes without allocating memory.
 """
 
@@ -34,6 +35,9 @@ __all__ = [
     "sd15_text_encoder_config",
     "sd15_unet_config",
     "sd15_vae_config",
+    "tiny_text_encoder_config",
+    "tiny_unet_config",
+    "tiny_vae_config",
 ]
 
 SD15_DOWN_BLOCKS = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
@@ -171,6 +175,56 @@ def sd15_scheduler_config(**overrides: Any) -> dict[str, Any]:
         },
         overrides,
         "scheduler",
+    )
+
+
+def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
+    """SD1.5's UNet topology at toy width; ``sample_size`` 8 means 64x64 pixels.
+
+    Same block types and four resolution levels, and widths in SD1.5's 1:2:4:4 ratio, so the same resnets have
+    channel-changing shortcuts and, at SD1.5's depth (``layers_per_block=2``), the key names equal the real ones.
+    """
+    return merge_config(
+        sd15_unet_config()
+        | {
+            "attention_head_dim": 2,
+            "block_out_channels": [32, 64, 128, 128],
+            "cross_attention_dim": 32,
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 8,
+        },
+        overrides,
+        "unet",
+    )
+
+
+def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
+    """SD1.5's VAE topology (4 levels, so 8x downsampling; 4 latent channels; SD's scaling factor) at toy width.
+
+    Widths keep SD1.5's 1:2:4:4 ratio, so at ``layers_per_block=2`` the key names equal the real ones.
+    """
+    return merge_config(
+        sd15_vae_config()
+        | {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64},
+        overrides,
+        "vae",
+    )
+
+
+def tiny_text_encoder_config(**overrides: Any) -> dict[str, Any]:
+    """SD1.5's text encoder at hidden size 32 (= the tiny UNet's cross-attention dim), keeping vocab and positions."""
+    return merge_config(
+        sd15_text_encoder_config()
+        | {
+            "hidden_size": 32,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 3,
+            "projection_dim": 32,
+        },
+        overrides,
+        "text_encoder",
     )
 
 

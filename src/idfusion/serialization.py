@@ -10,6 +10,9 @@ plain ``torch.load(..., weights_only=False)`` imports the authors' classes and c
   never imported: each ``(module, name)`` maps to an inert stub class, created for this load only, that accepts any
   constructor arguments and keeps the pickled state in its ``__dict__``. :func:`module_state_dict` walks a tree of
   such stubs (their ``_parameters`` / ``_buffers`` / ``_modules``) into a flat state dict.
+- Single *allowed globals* (for example ``regex._regex.compile``, ``tokenizers.AddedToken``) get the same stubs
+  without allowing their whole module. A stub stands in for functions too: where the pickle calls the function, the
+  "call" only records its arguments (``_stub_args``); nothing of the original is imported or run.
 - A few plain containers and values are allowed: ``collections.OrderedDict``, ``set``/``frozenset``/``slice``/
   ``complex``/``list``/``dict``/``tuple``/``object``, torch dtypes, ``torch.Size``, ``torch.device``, and the
   ``copyreg`` object-reconstruction helpers (restricted to stub classes).
@@ -202,12 +205,22 @@ def _normalized_prefixes(prefixes: Sequence[str]) -> tuple[str, ...]:
     return out
 
 
+def _normalized_globals(names: Sequence[str]) -> frozenset[str]:
+    if isinstance(names, str):
+        raise TypeError("allowed_globals must be a sequence of strings, not one string")
+    bad = [n for n in names if not isinstance(n, str) or "." not in n.strip(".") or n != n.strip()]
+    if bad:
+        raise ValueError(f"allowed globals must be qualified names such as 'tokenizers.AddedToken'; got {bad}")
+    return frozenset(names)
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose ``find_class`` returns only allow-listed objects and per-load stubs."""
 
     # Set on the per-load subclass made by _bind (torch.load instantiates the class itself).
     _source: str = "<checkpoint>"
     _prefixes: tuple[str, ...] = ()
+    _globals: frozenset[str] = frozenset()
 
     def __init__(self, file: Any, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
@@ -230,7 +243,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 return value
         if module == "builtins" and name in _BUILTIN_TYPES:
             return _BUILTIN_TYPES[name]
-        if any(module == p or module.startswith(p + ".") for p in self._prefixes):
+        if qualified in self._globals or any(module == p or module.startswith(p + ".") for p in self._prefixes):
             return self._stub(module, name)
         raise UnsafeCheckpointError(self._source, qualified)
 
@@ -345,9 +358,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         }
 
 
-def _bind(source: str, prefixes: tuple[str, ...]) -> type[_RestrictedUnpickler]:
+def _bind(source: str, prefixes: tuple[str, ...], globals_: frozenset[str]) -> type[_RestrictedUnpickler]:
     # A class, not an instance, because torch.load subclasses and instantiates ``pickle_module.Unpickler`` itself.
-    attrs = {"_source": source, "_prefixes": prefixes}
+    attrs = {"_source": source, "_prefixes": prefixes, "_globals": globals_}
     return type("_BoundRestrictedUnpickler", (_RestrictedUnpickler,), attrs)
 
 
@@ -367,7 +380,7 @@ def _is_torch_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def _load_zip(path: Path, prefixes: tuple[str, ...]) -> Any:
+def _load_zip(path: Path, prefixes: tuple[str, ...], globals_: frozenset[str]) -> Any:
     source = str(path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -405,12 +418,14 @@ def _load_zip(path: Path, prefixes: tuple[str, ...]) -> Any:
                 raise pickle.UnpicklingError(f"{source}: storage {key} is used with two element types")
             return storage
 
-        unpickler = _bind(source, prefixes)(io.BytesIO(archive.read(pickles[0])), encoding="utf-8")
+        unpickler = _bind(source, prefixes, globals_)(io.BytesIO(archive.read(pickles[0])), encoding="utf-8")
         unpickler.persistent_load = persistent_load  # the C unpickler's settable hook (no method is defined)
         return unpickler.load()
 
 
-def load_pickled_state(path: str | os.PathLike[str], *, allowed_module_prefixes: Sequence[str]) -> Any:
+def load_pickled_state(
+    path: str | os.PathLike[str], *, allowed_module_prefixes: Sequence[str], allowed_globals: Sequence[str] = ()
+) -> Any:
     """Load a ``torch.save`` file without executing code from it; tensors load on the CPU.
 
     Args:
@@ -418,6 +433,9 @@ def load_pickled_state(path: str | os.PathLike[str], *, allowed_module_prefixes:
         allowed_module_prefixes (`Sequence[str]`): modules whose classes may appear in the file. They are never
             imported: each class becomes an inert :class:`PickledStub` subclass. ``"adaface"`` (or ``"adaface."``)
             matches ``adaface`` and every ``adaface.*`` module.
+        allowed_globals (`Sequence[str]`, *optional*): single qualified names (``"regex._regex.compile"``,
+            ``"tokenizers.AddedToken"``) that may appear although their module is not allowed. They become stubs
+            as well; a stubbed function that the pickle calls only records its arguments.
 
     Returns:
         The unpickled object, with real tensors and ``torch.nn.Parameter`` s, and stubs for pickled class instances.
@@ -432,11 +450,12 @@ def load_pickled_state(path: str | os.PathLike[str], *, allowed_module_prefixes:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     prefixes = _normalized_prefixes(allowed_module_prefixes)
+    globals_ = _normalized_globals(allowed_globals)
     if _is_torch_zip(path):
-        return _load_zip(path, prefixes)
+        return _load_zip(path, prefixes, globals_)
     # Legacy (pre-1.6) format: torch.load reads the container; every pickle in it goes through our unpickler.
     # torch resolves storage-type names itself (to inert dtype holders) and hands every other global to us.
-    module = _RestrictedPickleModule(_bind(str(path), prefixes))
+    module = _RestrictedPickleModule(_bind(str(path), prefixes, globals_))
     try:
         return torch.load(path, map_location="cpu", pickle_module=module, weights_only=False, mmap=False)
     except UnsafeCheckpointError:

@@ -51,6 +51,8 @@ __all__ = [
     "builtin_styles",
     "builtin_styles_file",
     "load_style_file",
+    "apply_style",
+    "StyledPrompt",
     "load_style_lora",
     "resolve_style",
     "style_catalogue",
@@ -537,7 +539,59 @@ def resolve_style(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Applying a style's LoRA to a diffusers pipeline
+# A style as a pre-step of any SD1.5-family call: the prompt it makes, and the LoRA it brings
+
+
+@dataclass(frozen=True)
+class StyledPrompt:
+    """What a style makes of a request: the full prompt and negative prompt, its LoRA (``(file, weight)`` or
+    ``None``) to activate with the call's other LoRAs, and what to record so ``--from`` applies it again."""
+
+    prompt: str
+    negative_prompt: str | None
+    lora: tuple[str, float] | None
+    metadata: dict[str, Any]
+
+
+def apply_style(
+    style: Style | str | os.PathLike[str],
+    prompt: str | None,
+    negative_prompt: str | None = None,
+    *,
+    style_weight: float | None = None,
+    subject: str = DEFAULT_SUBJECT,
+    local_files_only: bool | None = None,
+) -> StyledPrompt:
+    """Apply ``style`` (a :class:`Style`, a catalogue name or ``FILE.toml[:NAME]``) to a request.
+
+    Args:
+        style: the style.
+        prompt: fills the style's ``{subject}`` slot (``None``: ``subject``).
+        negative_prompt: kept when given, else the style's.
+        style_weight: the LoRA weight, default the style's own, in [0, 2].
+        subject: the default subject (AdaFace's is ``"z"``, its subject placeholder).
+        local_files_only: see :meth:`Style.lora_path`.
+
+    Raises:
+        StyleError: an unknown style or a weight out of range. ModelFilesError: the LoRA file is missing.
+    """
+    style = style if isinstance(style, Style) else resolve_style(style)
+    path = style.lora_path(local_files_only=local_files_only)
+    weight = style.weight if style_weight is None else style_weight
+    if path is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise StyleError(
+                f"{_where(style.source, style.name)}: LoRA weight must be a finite number, got {weight!r}"
+            )
+        if not 0.0 <= weight <= MAX_WEIGHT:
+            raise StyleError(
+                f"{_where(style.source, style.name)}: LoRA weight must be in [0, {MAX_WEIGHT:g}], got {weight}"
+            )
+    text = style.format_prompt(prompt if prompt is not None else subject)
+    negative = negative_prompt if negative_prompt is not None else style.negative_prompt
+    lora = (str(path), float(weight)) if path is not None else None
+    metadata = {"style": style.name, "style_weight": float(weight) if lora else None}
+    return StyledPrompt(text, negative, lora, metadata)
 
 
 def load_style_lora(
@@ -548,49 +602,22 @@ def load_style_lora(
     weight: float | None = None,
     local_files_only: bool | None = None,
 ) -> str | None:
-    """Load ``style``'s LoRA into ``pipe`` (UNet and text encoder) through diffusers/peft and make it the active one.
+    """Load ``style``'s LoRA into ``pipe`` (UNet and text encoder) and make it the only active one.
 
-    The LoRA stays a separate peft adapter (not fused), so ``pipe.unload_lora_weights()`` restores the base weights
-    exactly (fusing and unfusing would leave float rounding in the weights). In SD 1.x pipelines, kohya files with
-    LDM block names (``lora_unet_input_blocks_1_1_…``) are mapped using the UNet's ``layers_per_block``.
-    Other adapters of ``pipe`` are deactivated (not removed).
-
-    Args:
-        pipe: a diffusers pipeline with ``load_lora_weights``/``set_adapters`` (e.g. ``StableDiffusionPipeline``).
-        style: the style; prompt-only styles load nothing.
-        adapter_name: the peft adapter name.
-        weight: the LoRA weight; defaults to :attr:`Style.weight`.
-        local_files_only: see :meth:`Style.lora_path`.
+    Loads through :mod:`idfusion.loras` (diffusers/peft, unfused; kohya files with LDM block names are mapped), so
+    ``pipe.unload_lora_weights()`` restores the base weights exactly.
 
     Returns:
         `str | None`: ``adapter_name``, or ``None`` for a prompt-only style.
-
-    Raises:
-        ModelFilesError: the LoRA file is missing.
-        StyleError: the weight is out of range.
     """
-    path = style.lora_path(local_files_only=local_files_only)
-    if path is None:
-        return None
-    weight = style.weight if weight is None else weight
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise StyleError(f"{_where(style.source, style.name)}: LoRA weight must be a finite number, got {weight!r}")
-    if not 0.0 <= weight <= MAX_WEIGHT:
-        raise StyleError(
-            f"{_where(style.source, style.name)}: LoRA weight must be in [0, {MAX_WEIGHT:g}], got {weight}"
-        )
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from .loras import load_lora
 
-    kwargs = {}
-    unet = getattr(pipe, "unet", None)
-    if unet is not None and getattr(type(pipe), "load_lora_weights", None) is (
-        StableDiffusionLoraLoaderMixin.load_lora_weights
-    ):
-        # SD 1.x pipelines do not hand the UNet config to the kohya converter (SDXL's do, and would refuse a second
-        # one); without it, LDM-numbered keys (input_blocks_1_1_...) match no diffusers module
-        kwargs["unet_config"] = unet.config
-    pipe.load_lora_weights(str(path), adapter_name=adapter_name, **kwargs)
-    pipe.set_adapters([adapter_name], adapter_weights=[float(weight)])
+    styled = apply_style(style, None, style_weight=weight, local_files_only=local_files_only)
+    if styled.lora is None:
+        return None
+    path, weight = styled.lora
+    load_lora(pipe, path, name=adapter_name, what="style LoRA")
+    pipe.set_adapters([adapter_name], adapter_weights=[weight])
     logger.info("style %r: loaded LoRA %s at weight %g", style.name, path, weight)
     return adapter_name
 

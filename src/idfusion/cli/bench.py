@@ -10,13 +10,17 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..registry import methods
+
     parser = subparsers.add_parser(
         "bench",
         help="time a method against the plain diffusers SD1.5 pipeline (random full-size weights)",
         description="Seconds per step and per image, and peak memory, of a method and of diffusers' "
         "StableDiffusionPipeline sharing the same UNet, steps, size and dtype, measured alternately in one run.",
     )
-    parser.add_argument("--method", required=True, help="method to measure (e.g. arc2face)")
+    parser.add_argument(
+        "--method", required=True, choices=[s.name for s in methods() if s.bench], help="method to measure"
+    )
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per image (default 4)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per pipeline (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")

@@ -7,29 +7,28 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..registry import methods
+
+    names = [spec.name for spec in methods() if spec.converter]
     parser = subparsers.add_parser(
         "convert",
-        help="convert an official checkpoint to safetensors (FlashFace folder, AdaFace .pt)",
+        help=f"convert an official checkpoint to safetensors ({', '.join(names)})",
         description="flashface: the official folder (flashface.ckpt, openai-clip-vit-large-14.pth, sd-v1-vae.pth, "
-        "bpe_simple_vocab_16e6.txt.gz) to a diffusers-style folder of safetensors that --model accepts. "
+        "bpe_simple_vocab_16e6.txt.gz) to a saved pipeline folder of safetensors that --model accepts. "
         "adaface: an official .pt (pickled modules, read without running code) to a .safetensors file.",
     )
-    parser.add_argument("--method", required=True, choices=("flashface", "adaface"))
-    parser.add_argument("source", type=Path, help="the official folder (flashface) or .pt file (adaface)")
-    parser.add_argument("out", type=Path, help="output folder (flashface) or .safetensors file (adaface)")
+    parser.add_argument("--method", required=True, choices=names)
+    parser.add_argument("source", type=Path, help="the official folder or file")
+    parser.add_argument("out", type=Path, help="output folder or file")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..registry import get_method, resolve
+
     if args.out.exists() and (args.out.is_file() or any(args.out.iterdir())):
         raise ValueError(f"{args.out}: already exists; choose a new path")
-    if args.method == "adaface":
-        from ..methods.adaface import convert_adaface_checkpoint
-
-        convert_adaface_checkpoint(args.source, args.out)
-    else:
-        from ..methods.flashface_checkpoint import load_official_flashface, save_converted_flashface
-
-        save_converted_flashface(load_official_flashface(args.source), args.out, variant_name="flashface")
+    print(f"converting {args.source} ...", flush=True)
+    resolve(get_method(args.method).converter)(args.source, args.out)
     print(f"wrote {args.out}")
     return 0

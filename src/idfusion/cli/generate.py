@@ -1,44 +1,56 @@
-"""``idfusion generate``: face photo(s) + prompt in, PNG files with their generation metadata out."""
+"""``idfusion generate``: face photo(s) + prompt in, PNG files with their generation metadata out.
+
+Every method-specific option comes from the method registry (:mod:`idfusion.registry`): this module has no branch on
+a method's name.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from .argtypes import finite, non_negative_float, positive_int, seed
+from .argtypes import arg_type, positive_int, seed
 
-METHODS = ("arc2face", "adaface", "flashface", "open-flashface", "fact", "feedface", "feedface-sd15")
-FLASHFACE = ("flashface", "open-flashface")
-FEEDFACE = ("feedface", "feedface-sd15")
-# methods conditioned on the photos themselves (no embedding to replay from metadata)
-PHOTO_METHODS = (*FLASHFACE, "fact", *FEEDFACE)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _face_box(value: str) -> list[float]:
-    parts = value.split(",")
-    try:
-        box = [float(p) for p in parts]
-    except ValueError:
-        box = []
-    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
-        raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2 with each value in [0, 1], got {value!r}")
-    return box
+def add_option(parser, option) -> None:
+    """One registry :class:`~idfusion.registry.Option` as an argparse argument (``None`` default: not given)."""
+    kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": option.help}
+    if option.kind == "flag":
+        kwargs["action"] = "store_true"
+    else:
+        if option.kind == "list":
+            kwargs["action"] = "append"
+        if option.parse is not None:
+            kwargs["type"] = arg_type(option.parse)
+        elif option.kind == "file":
+            kwargs["type"] = Path
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+        if option.metavar is not None:
+            kwargs["metavar"] = option.metavar
+    parser.add_argument(option.flag, **kwargs)
 
 
-def _lora(value: str) -> tuple[str, float]:
-    """``FILE`` or ``FILE:WEIGHT`` (weight defaults to 1.0)."""
-    path, sep, weight = value.rpartition(":")
-    if sep and path and not weight.startswith(("\\", "/")):
-        try:
-            return path, finite(weight)
-        except argparse.ArgumentTypeError:
-            pass
-    return value, 1.0
+def add_method_options(parser: argparse.ArgumentParser, specs) -> None:
+    """The registry's options, grouped: those every method takes, then each set of methods' own."""
+    from ..registry import COMMON_OPTIONS, options_by_flag
+
+    common = {o.flag for o in COMMON_OPTIONS}
+    groups: dict[tuple[str, ...], list] = {}
+    for flag, (option, names) in options_by_flag(specs).items():
+        groups.setdefault(("*",) if flag in common else tuple(names), []).append(option)
+    for names, options in groups.items():
+        title = "sampling options (every method)" if names == ("*",) else f"options of --method {', '.join(names)}"
+        group = parser.add_argument_group(title)
+        for option in options:
+            add_option(group, option)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..pipelines.common import SCHEDULERS
+    from ..registry import method_names, methods
 
     parser = subparsers.add_parser(
         "generate",
@@ -47,47 +59,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generation metadata embedded (also as the 'parameters' text other Stable Diffusion tools read), plus a "
         "contact sheet. Existing files are never overwritten.",
     )
-    parser.add_argument("--method", choices=METHODS, help="identity method (required unless --from is given)")
+    parser.add_argument("--method", choices=method_names(), help="identity method (required unless --from is given)")
     parser.add_argument(
-        "--face", action="append", type=_lora, default=[], metavar="IMAGE[:WEIGHT]",
-        help="face photo; repeat for more. FlashFace: a weight per photo blends identities (A.jpg:0.7 B.jpg:0.3)",
+        "--face", action="append", type=arg_type(_weighted_face), default=[], metavar="IMAGE[:WEIGHT]",
+        help="face photo; repeat for more. Methods that blend identities take a weight per photo (A.jpg:0.7 B.jpg:0.3)",
     )  # fmt: skip
-    parser.add_argument("--prompt", help="text prompt (Arc2Face ignores it: it only knows its own template)")
-    parser.add_argument("--negative-prompt", help="negative prompt (default: the method's)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     parser.add_argument("--model", help="Hub repo id or local folder of the method's weights (default: official)")
-    parser.add_argument("--base-model", help="SD1.5 base model (Hub id or folder) for methods that use one")
     parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
-    parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx)")
+    parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx if present)")
     parser.add_argument("--num-images", type=positive_int, help="images to make (default 1)")
     parser.add_argument("--seed", type=seed, help="seed of the first image; the next get seed+1, ... (default random)")
-    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the method's)")
-    parser.add_argument(
-        "--guidance", type=non_negative_float, help="classifier-free guidance scale (default: method's)"
-    )
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="sampler (default: the method's)")
-    parser.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (default 512)")
-    parser.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (default 512)")
-    parser.add_argument("--lcm", action="store_true", default=None, help="LCM-LoRA: 2-4 steps, guidance 1.0")
-    parser.add_argument("--id-scale", type=finite, help="identity strength (AdaFace ID-CFG scale, default 1.0)")
-    parser.add_argument("--face-box", type=_face_box, metavar="X1,Y1,X2,Y2", help="FlashFace: face position in [0,1]")
-    parser.add_argument("--ref-strength", type=non_negative_float, help="FlashFace: reference strength lambda")
-    parser.add_argument("--ref-guidance", type=non_negative_float, help="FlashFace: reference guidance scale (3.2)")
-    parser.add_argument("--ref-guidance-start", type=non_negative_float, help="FlashFace: t at which it starts (750)")
-    parser.add_argument("--style", help="FACT: a style name (see `idfusion styles`) or a style .toml file")
-    parser.add_argument("--style-weight", type=non_negative_float, help="FACT: weight of the style's LoRA")
-    parser.add_argument("--adapter-scale", type=non_negative_float, help="FACT: face adapter scale (0.5; 0 = base)")
-    parser.add_argument("--adapter", help="FACT: majicmix (default), film, or an adapter .ckpt file")
-    parser.add_argument(
-        "--pose-image", type=Path, help="FACT: OpenPose skeleton image, or a photo (needs DWPose models)"
-    )
-    parser.add_argument(
-        "--face-mode", choices=("cat", "mean"), help="FeedFace: several photos' tokens joined or averaged"
-    )
-    parser.add_argument("--feed-scale", type=finite, help="FeedFace: adapter multiplier (0.8; 0 = the base model)")
-    parser.add_argument("--controlnet-image", type=Path, help="condition image for the model's ControlNet")
-    parser.add_argument("--controlnet-scale", type=non_negative_float, default=None, help="ControlNet strength (1.0)")
-    parser.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:WEIGHT]", help="extra LoRA")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=DTYPES, help="weights dtype (default float32; float16 on GPUs is common)")
     parser.add_argument("--cpu-offload", action="store_true", help="keep models on the CPU until used (saves VRAM)")
@@ -95,66 +77,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
     parser.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE.png", help="make an idfusion PNG again")
     parser.add_argument("--no-contact-sheet", action="store_true", help="do not write the contact sheet")
+    add_method_options(parser, methods())
     parser.set_defaults(run=run)
 
 
-# CLI argument -> (metadata key, pipeline argument); used to replay --from and to build the call.
-_REPLAYED = {
-    "prompt": ("prompt", "prompt"),
-    "negative_prompt": ("negative_prompt", "negative_prompt"),
-    "steps": ("steps", "num_inference_steps"),
-    "guidance": ("guidance_scale", "guidance_scale"),
-    "scheduler": ("scheduler", "scheduler"),
-    "width": ("width", "width"),
-    "height": ("height", "height"),
-    "lcm": ("lcm", "lcm"),
-    "id_scale": ("id_scale", "id_scale"),
-    "controlnet_scale": ("controlnet_conditioning_scale", "controlnet_conditioning_scale"),
-    "face_box": ("face_box", "face_box"),
-    "ref_strength": ("reference_strength", "reference_strength"),
-    "ref_guidance": ("reference_guidance", "reference_guidance"),
-    "ref_guidance_start": ("reference_guidance_start", "reference_guidance_start"),
-    "style": ("style", "style"),
-    "style_weight": ("style_weight", "style_weight"),
-    "adapter_scale": ("adapter_scale", "adapter_scale"),
-    "face_mode": ("face_mode", "face_mode"),
-    "feed_scale": ("feed_scale", "feed_scale"),
-}
-_FEEDFACE_ONLY = ("face_mode", "feed_scale")
-_FACT_ONLY = ("style", "style_weight", "adapter_scale", "adapter", "pose_image")
+def _weighted_face(value: str) -> tuple[str, float]:
+    from ..values import weighted_path
+
+    return weighted_path(value)
 
 
-def _apply_metadata(args: argparse.Namespace, meta: dict) -> None:
-    """Fill the arguments not given on the command line from an image's metadata."""
-    if args.method is None:
-        args.method = meta.get("method")
+def _given(args: argparse.Namespace, option) -> bool:
+    return getattr(args, option.dest, None) not in (None, False, [])
+
+
+def _apply_metadata(args: argparse.Namespace, meta: dict, spec) -> None:
+    """Fill the options not given on the command line from an image's metadata (the registry says which)."""
     if args.method != meta.get("method"):
         raise ValueError(f"{args.from_image} was made with {meta.get('method')}, not {args.method}")
     if args.model is None:
         args.model = meta.get("model")
-    if args.base_model is None:
-        args.base_model = meta.get("base_model")
-    skip = set()
-    if meta.get("style"):  # the style's template makes the full prompt again from the subject
-        skip.add("prompt")
-        if args.prompt is None:
-            args.prompt = meta.get("subject")
-    if args.method == "fact" and args.adapter is None:
-        args.adapter = meta.get("adapter")
-    if meta.get("pose") and args.pose_image is None:
-        raise ValueError(f"{args.from_image} was made with a pose image: pass it again with --pose-image")
-    for arg, (key, _) in _REPLAYED.items():
-        if getattr(args, arg) is None and key in meta and arg not in skip:
-            setattr(args, arg, meta[key])
+    for option in spec.all_options():
+        key = option.metadata_key
+        if not key or _given(args, option) or meta.get(key) is None:
+            continue
+        if option.kind == "file":
+            raise ValueError(f"{args.from_image} was made with {option.flag}: pass that file again")
+        setattr(args, option.dest, option.replay(meta[key]) if option.replay else meta[key])
     if args.seed is None:
         args.seed = meta.get("seed")
     if args.num_images is None:
         args.num_images = 1
-    if not args.lora and meta.get("loras"):
-        args.lora = [(item["name"], float(item["weight"])) for item in meta["loras"]]
+    if spec.supports("blending") and meta.get("face_weights") and all(w == 1.0 for _, w in args.face):
+        weights = meta["face_weights"]
+        if len(weights) != len(args.face):
+            raise ValueError(f"{args.from_image} was made from {len(weights)} photos; give the same {len(weights)}")
+        args.face = [(path, float(w)) for (path, _), w in zip(args.face, weights, strict=True)]
 
 
-def _device_and_dtype(args: argparse.Namespace):
+def device_and_dtype(args: argparse.Namespace):
     import torch
 
     device = args.device or "cpu"
@@ -168,107 +129,99 @@ def _device_and_dtype(args: argparse.Namespace):
     return device, dtype
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..outputs import decode_array, read_generation_metadata
-    from ..pipelines import load_pipeline
+def check_options(args: argparse.Namespace, spec) -> None:
+    """Refuse options the method does not take, naming the methods that do."""
+    from ..registry import methods, options_by_flag
 
-    id_embeds = None
-    if args.from_image is not None:
-        meta = read_generation_metadata(args.from_image)
-        _apply_metadata(args, meta)
-        if not args.face:
-            if "id_embeds" not in meta:
-                raise ValueError(f"{args.from_image}: its metadata has no identity embedding; pass --face")
-            id_embeds = decode_array(meta["id_embeds"])
-    if args.method is None:
-        raise ValueError(f"--method is required ({', '.join(METHODS)}), unless --from IMAGE.png is given")
-    if not args.face and id_embeds is None:
-        raise ValueError("give at least one --face photo (or --from an idfusion PNG)")
-    for path in (*(p for p, _ in args.face), args.controlnet_image, args.pose_image):
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{path}: file not found")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"{args.out}: exists and is not a folder")
+    allowed = {o.flag for o in spec.all_options()}
+    titles = {s.name: s.title for s in methods()}
+    refused = [
+        f"{flag} is an option of {' and '.join(titles[n] for n in names)} (--method {', '.join(names)})"
+        for flag, (option, names) in options_by_flag(methods()).items()
+        if flag not in allowed and _given(args, option)
+    ]
+    if refused:
+        raise ValueError(f"{'; '.join(refused)}, not of {spec.title}")
+    if not spec.supports("blending") and any(w != 1.0 for _, w in args.face):
+        blending = [s.name for s in methods() if s.supports("blending")]
+        raise ValueError(
+            f"face weights (IMAGE:WEIGHT) blend identities in {', '.join(blending)} only, not {spec.name}"
+        )
+    if spec.max_images is not None and (args.num_images or 1) > spec.max_images:
+        raise ValueError(f"--num-images: {spec.title} makes 1 to {spec.max_images} images per request")
 
-    if args.method == "fact" and (args.num_images or 1) > 6:
-        raise ValueError(f"--num-images: FACT makes 1 to 6 portraits per request, got {args.num_images}")
-    device, dtype = _device_and_dtype(args)
+
+def load_configured_pipeline(args: argparse.Namespace, spec, extra_load: dict | None = None):
+    """Load ``spec``'s pipeline with the command line's load options, device, memory and face-detector options."""
+    from ..registry import load_pipeline
+
+    device, dtype = device_and_dtype(args)
     if args.cpu_offload and device == "cpu":
         raise ValueError("--cpu-offload moves models between the CPU and a GPU; give --device cuda (or mps) with it")
-    if args.method != "fact":
-        given = [f"--{a.replace('_', '-')}" for a in _FACT_ONLY if getattr(args, a) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: FaceChain-FACT options (--method fact)")
-    if args.method not in FEEDFACE:
-        given = [f"--{a.replace('_', '-')}" for a in _FEEDFACE_ONLY if getattr(args, a) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: FeedFace options (--method feedface or feedface-sd15)")
-    if args.method in FEEDFACE and (args.lcm or args.id_scale is not None or args.controlnet_image or args.lora):
-        raise ValueError("--lcm, --id-scale, --controlnet-image and --lora are not FeedFace options")
-    if args.method == "feedface" and args.base_model is not None:
-        raise ValueError("--base-model: FeedFace runs on its own UniDiffuser-v1 (feedface-sd15 takes an SD1.5 base)")
-    if args.method == "fact" and (args.lcm or args.id_scale is not None or args.controlnet_image is not None):
-        raise ValueError("--lcm, --id-scale and --controlnet-image are not FACT options (use --pose-image)")
-    load_kwargs = {"face_model_dir": args.face_models}
-    if args.method != "feedface":
-        load_kwargs["base_model"] = args.base_model
-    if args.method == "fact" and args.adapter is not None:
-        load_kwargs["adapter"] = args.adapter
+    load_kwargs = {"face_model_dir": args.face_models, **(extra_load or {})}
+    for option in spec.all_options():
+        if option.target == "load" and _given(args, option):
+            load_kwargs[option.call_argument] = getattr(args, option.dest)
     if dtype is not None:
         load_kwargs["torch_dtype"] = dtype
-    pipe = load_pipeline(args.method, args.model, **load_kwargs)
+    pipe = load_pipeline(spec.name, args.model, **load_kwargs)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
-    if args.vae_tiling:
+    if getattr(args, "vae_tiling", False):
         pipe.vae.enable_tiling()
-    if args.attention_slicing:
+    if getattr(args, "attention_slicing", False):
         pipe.enable_attention_slicing()
     if args.detector is not None:
-        from ..faces import FaceAnalyzer
+        pipe.configure_face_analysis(detector=args.detector)
+    return pipe
 
-        recognizer = None if args.method in PHOTO_METHODS else "onnx"  # these use photos, not embeddings
-        crops = () if recognizer is None else ("arcface",)
-        analyzer = FaceAnalyzer(
-            args.detector,
-            recognizer,
-            model_dir=pipe.face_model_dir,
-            crops=crops,
-            dense_landmarks=args.method == "fact",
-        )
-        pipe.set_face_analyzer(analyzer)
 
-    flash = args.method in FLASHFACE
-    if flash and (args.lora or args.controlnet_image or args.lcm or args.id_scale is not None):
-        raise ValueError("--lora, --controlnet-image, --lcm and --id-scale are not FlashFace options")
-    if not flash and any(v is not None for v in (args.face_box, args.ref_strength, args.ref_guidance)):
-        raise ValueError("--face-box, --ref-strength and --ref-guidance are FlashFace options")
-    if not flash and any(w != 1.0 for _, w in args.face):
-        raise ValueError(f"face weights (IMAGE:WEIGHT) blend identities in FlashFace only, not {args.method}")
-    call = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
-    if args.method == "fact":
-        call.update(loras=args.lora, pose_image=args.pose_image)
-    elif args.method in FEEDFACE:
-        pass
-    elif not flash:
-        call.update(loras=args.lora, controlnet_image=args.controlnet_image)
-    for arg, (_, key) in _REPLAYED.items():
-        value = getattr(args, arg)
-        if value is not None:
-            call[key] = value
-    if "id_scale" in call and args.method == "arc2face":
-        raise ValueError("--id-scale is an AdaFace option; Arc2Face has no identity scale")
-    if "lcm" in call:
-        call["lcm"] = bool(call["lcm"])
-    if "reference_guidance_start" in call:
-        call["reference_guidance_start"] = int(call["reference_guidance_start"])
+def run(args: argparse.Namespace) -> int:
+    from ..outputs import decode_array, read_generation_metadata
+    from ..registry import get_method, method_names
+
+    id_embeds, meta = None, None
+    if args.from_image is not None:
+        meta = read_generation_metadata(args.from_image)
+        if args.method is None:
+            args.method = meta.get("method")
+    if args.method is None:
+        raise ValueError(f"--method is required ({', '.join(method_names())}), unless --from IMAGE.png is given")
+    spec = get_method(args.method)
+    if meta is not None:
+        _apply_metadata(args, meta, spec)
+        if not args.face:
+            if spec.identity != "embedding" or "id_embeds" not in meta:
+                raise ValueError(f"{args.from_image}: {spec.title} needs the face photos again: pass them with --face")
+            id_embeds = decode_array(meta["id_embeds"])
+    if not args.face and id_embeds is None:
+        raise ValueError("give at least one --face photo (or --from an idfusion PNG)")
+    files = [p for p, _ in args.face] + [getattr(args, o.dest) for o in spec.all_options() if o.kind == "file"]
+    for path in files:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{path}: file not found")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out}: exists and is not a folder")
+    check_options(args, spec)
+
+    pipe = load_configured_pipeline(args, spec)
+    if meta is not None and meta.get("scheduler_config") and args.scheduler in (None, meta.get("scheduler")):
+        from ..pipelines.scheduling import make_scheduler
+
+        pipe.scheduler = make_scheduler(meta["scheduler"], meta["scheduler_config"])  # exactly the recorded one
+        args.scheduler = None
+
+    call: dict[str, Any] = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
+    for option in spec.all_options():
+        if option.target == "call" and _given(args, option):
+            value = getattr(args, option.dest)
+            call[option.call_argument] = str(value) if option.kind == "file" else value
     if args.face:
         call["faces"] = [str(p) for p, _ in args.face]
-        if flash and any(w != 1.0 for _, w in args.face):
+        if any(w != 1.0 for _, w in args.face):
             call["face_weights"] = [w for _, w in args.face]
-    elif args.method in PHOTO_METHODS:
-        raise ValueError(f"{args.method} needs the face photos: pass them with --face")
     else:
         call["id_embeds"] = id_embeds
 

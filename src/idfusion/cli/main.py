@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "make-tiny": "make_tiny",
     "styles": "styles",
     "template": "template",
+    "train": "train",
 }
 
 EXIT_ERROR = 1

@@ -4,7 +4,7 @@ pieces, the official checkpoint loader and the prompt helpers.
 AdaFace maps a face into the *input token-embedding space* of SD1.5's own CLIP text encoder, in two steps:
 
 A. Arc2Face's frozen encoder turns the ArcFace embedding into ID image-prompt embeddings ``X_img``: the output rows
-   4..19 of ``"photo of a id person"`` (:func:`idfusion.layers.encode_arcface_id_prompt` with ``max_length=22``,
+   4..19 of ``"photo of a id person"`` (:func:`idfusion.prompt_encoders.encode_arcface_id_prompt` with ``max_length=22``,
    then ``[:, 4:20]``).
 B. The *inverse projector* ``prompt2token_proj`` (:class:`AdaFaceProjector`), a CLIP ViT-L/14 text transformer whose
    attention keys/values may be widened (:class:`CLIPAttentionMKV`), reads the template
@@ -20,11 +20,17 @@ Checkpoints (pickled ``nn.Module`` objects in a ``torch.save`` dict; read withou
   ``{'z': subject generator, 'y': background generator}``; the background generator is not used for generation.
 - **v2** (2025, joint): ``VGGface2_HQ_masks2024-10-14T16-09-24_zero3-ada-3500.pt``. Top-level keys
   ``string_to_subj_basis_generator_dict`` (``{'z': generator}`` or ``{'z': ModuleList([ConsistentID, Arc2Face])}``),
-  ``placeholder_strings``, ``subject_strings`` and optionally ``unet_lora_modules``.
+  ``placeholder_strings``, ``subject_strings`` and optionally ``unet_lora_modules`` (the release's save); the dev
+  repo's save of the same date also wrote ``token2num_vectors``, ``background_strings``, ``ca_q_bns`` and
+  ``ca_outfeat_lns``. Each v2 generator pickles a CLIP tokenizer as an attribute.
 
-Generation here uses the **Arc2Face branch only**. A v2 joint checkpoint's ConsistentID projector is loaded and kept
-(:attr:`AdaFaceCheckpoint.consistentid_projector`), but its inputs need ConsistentID's own models
-(``ConsistentID-v1.bin``, BiSeNet, insightface ``buffalo_l`` and CLIP-ViT-H-14), which this package does not load.
+A v2 joint checkpoint has two branches: ConsistentID (4 tokens ``z_0_0..z_0_3``, ID-CFG 6) and Arc2Face (16 tokens
+``z_1_0..z_1_15``, ID-CFG 1), in that order. The Arc2Face branch is computed here; the ConsistentID branch's inputs
+(``ConsistentID-v1.bin``'s ``ProjPlusModel``, insightface ``buffalo_l`` and CLIP-ViT-H-14) are in
+:mod:`idfusion.methods.adaface_consistentid`, which uses :attr:`AdaFaceCheckpoint.consistentid_projector`.
+
+:func:`official_face_image` is the release's face preprocessing (pad to a square, 512 NEAREST) and
+:func:`official_face_index` its choice of "the largest" face.
 
 :func:`convert_adaface_checkpoint` rewrites a ``.pt`` as a ``.safetensors`` file that :func:`load_adaface_checkpoint`
 also reads, with identical outputs and without any pickle.
@@ -39,14 +45,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFilesError
+from ..errors import ImageError, ModelFilesError
 from ..serialization import PickledStub, load_pickled_state, module_state_dict, stub_qualified_name
+
+if TYPE_CHECKING:
+    from ..faces.types import Detection
 
 __all__ = [
     "ADAFACE_V1",
@@ -55,6 +65,8 @@ __all__ = [
     "CONSISTENTID_NUM_ID_TOKENS",
     "ID_PROMPT_MAX_LENGTH",
     "ID_TOKEN_START",
+    "OFFICIAL_FACE_SIZE",
+    "PICKLE_GLOBALS",
     "PICKLE_MODULE_PREFIXES",
     "V1_CHECKPOINT_NAME",
     "V2_CHECKPOINT_NAME",
@@ -62,11 +74,16 @@ __all__ = [
     "AdaFaceProjector",
     "CLIPAttentionMKV",
     "CLIPEncoderLayerMKV",
+    "OfficialFaceEmbedder",
     "adaface_projector_config",
     "adaface_template_ids",
     "compose_prompt",
     "convert_adaface_checkpoint",
     "load_adaface_checkpoint",
+    "official_face_image",
+    "official_face_index",
+    "official_pad_offset",
+    "official_to_original",
     "projector_config_from_state_dict",
     "subject_tokens",
     "template_num_commas",
@@ -97,6 +114,11 @@ PICKLE_MODULE_PREFIXES: tuple[str, ...] = (
     "peft",  # optional v2 UNet LoRA modules
     "diffusers",
 )
+# Single globals the official v2 pickles hold outside those modules: each v2 SubjBasisGenerator keeps a transformers 4
+# (slow) CLIPTokenizer as an attribute, whose pickle has its compiled regex (``regex._regex.compile`` with the
+# compiled pattern's data), its special ``tokenizers.AddedToken`` s and its text fixer ``ftfy.fix_text``. They become
+# inert stubs that record their arguments; regex is never called and nothing is imported.
+PICKLE_GLOBALS: tuple[str, ...] = ("regex._regex.compile", "tokenizers.AddedToken", "ftfy.fix_text")
 
 _TEXT_PREFIX = "prompt2token_proj.text_model."
 _LAYER_WEIGHTS_KEY = "hidden_state_layer_weights"
@@ -550,29 +572,217 @@ def subject_tokens(version: str, num_id_tokens: int, *, subject: str = "z", enco
     return [f"{subject}_{encoder_index}_{i}" for i in range(num_id_tokens)]
 
 
-def compose_prompt(prompt: str, tokens: Sequence[str], version: str, *, subject: str = "z") -> str:
-    """Put the subject tokens into a user prompt, as AdaFace's wrapper does.
+def _token_groups(tokens: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """One group per encoder: a flat token list is one group, a list of lists is kept as given."""
+    if isinstance(tokens, str):
+        raise TypeError("tokens must be a sequence of token strings (or of per-encoder sequences), not one string")
+    items = list(tokens)
+    if all(isinstance(t, str) for t in items):
+        return [items] if items else []
+    if all(not isinstance(t, str) and all(isinstance(u, str) for u in t) for t in items):
+        return [list(t) for t in items if len(t)]
+    raise TypeError("tokens must be all strings, or all per-encoder sequences of strings")
 
-    v1: a standalone ``subject`` word is replaced by the tokens; without one, the tokens are prepended. v2: ``"a z"``,
-    ``"an z"``, ``"the z"`` and a standalone ``z`` are removed and the tokens are appended (the authors found that
-    prepending hurts compositional prompts).
+
+def _clean_spaces(text: str) -> str:
+    # CLIP's tokenizers collapse whitespace runs and strip the ends, so this never changes the token ids.
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def compose_prompt(
+    prompt: str,
+    tokens: Sequence[str] | Sequence[Sequence[str]],
+    version: str,
+    *,
+    subject: str = "z",
+    repeat_prompt_for_each_encoder: bool = False,
+) -> str:
+    """Put the subject tokens into a user prompt with the rule of the release's wrapper (``update_prompt``).
+
+    v2 (``adaface_wrapper.py``): ``a z``, ``an z``, ``the z`` (lower-case articles only) and then every other ``z``
+    are deleted, each with one comma right after it (``"z,"``); ``\\b`` word boundaries, so ``z_1_0`` or
+    ``zebra`` are kept. Then the tokens are appended: ``"<prompt> z_0_0 .. z_0_3 z_1_0 .. z_1_15"``. With
+    ``repeat_prompt_for_each_encoder`` (the wrapper's own default; the app turns it on at composition level >= 1)
+    the prompt is repeated per encoder: ``"<prompt> z_0_0 .. z_0_3, <prompt> z_1_0 .. z_1_15"``.
+
+    v1 (AdaFace-Animate's wrapper): a prompt that already holds the joined tokens is left as is; otherwise every
+    standalone ``z`` is replaced by the tokens, or, without one, the tokens are prepended.
+
+    Whitespace runs are collapsed and the ends stripped afterwards; CLIP's tokenizer does the same, so the token ids
+    equal those of the release's string exactly.
+
+    Args:
+        prompt (`str`): the user's text; ``z`` marks the subject.
+        tokens (`Sequence[str]` or `Sequence[Sequence[str]]`): the subject tokens, or one sequence per encoder in
+            the encoders' order (``[[z_0_0..z_0_3], [z_1_0..z_1_15]]`` for the joint v2 encoder).
+        version (`str`): ``"v1"`` or ``"v2"``.
+        subject (`str`, *optional*, defaults to ``"z"``): the placeholder.
+        repeat_prompt_for_each_encoder (`bool`, *optional*, defaults to `False`): v2 only, see above.
     """
     _check_version(version)
-    joined = " ".join(tokens)
-    word = re.compile(rf"(?<![\w]){re.escape(subject)}(?![\w])")
+    groups = _token_groups(tokens)
+    joined = " ".join(" ".join(group) for group in groups)
+    word = rf"\b{re.escape(subject)}\b"
     if version == ADAFACE_V1:
-        if word.search(prompt):
-            return word.sub(lambda _: joined, prompt)
-        return f"{joined} {prompt}".strip()
-    prompt = re.sub(rf"(?<![\w])(?:a|an|the)\s+{re.escape(subject)}(?![\w])", " ", prompt, flags=re.IGNORECASE)
-    prompt = word.sub(" ", prompt)
-    prompt = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", prompt)).strip()
-    return f"{prompt} {joined}" if prompt else joined
+        if joined and joined in prompt:
+            return _clean_spaces(prompt)
+        if re.search(word, prompt) is None:
+            return _clean_spaces(f"{joined} {prompt}")
+        return _clean_spaces(re.sub(word, lambda _: joined, prompt))
+    prompt = re.sub(rf"\b(a|an|the)\s+{re.escape(subject)}\b,?", "", prompt)
+    prompt = re.sub(word + ",?", "", prompt)
+    if repeat_prompt_for_each_encoder:
+        return _clean_spaces(", ".join(f"{prompt} {' '.join(group)}" for group in groups))
+    return _clean_spaces(f"{prompt} {joined}")
 
 
 def _check_version(version: str) -> None:
     if version not in (ADAFACE_V1, ADAFACE_V2):
         raise ValueError(f"unknown AdaFace version {version!r}; expected {ADAFACE_V1!r} or {ADAFACE_V2!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Face preprocessing (the release's FaceID2AdaPrompt.extract_init_id_embeds_from_images)
+# ----------------------------------------------------------------------------------------------------------------------
+
+OFFICIAL_FACE_SIZE = 512  # the release detects at det_size (512, 512) on a 512x512 image
+
+
+def _rgb_array(image: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4) or min(array.shape[:2]) < 1:
+        raise ImageError(
+            name, f"expected an (H, W, 3) uint8 RGB array (RGBA allowed), got {array.dtype} {array.shape}"
+        )
+    return array[..., :3]  # RGBA -> RGB drops alpha, as PIL's convert("RGB") in the release
+
+
+def official_pad_offset(height: int, width: int) -> tuple[int, int]:
+    """``(left, top)`` at which the release pastes an image into its black square (``pad_image_obj_to_square``):
+    centred along the short side, rounding down."""
+    if width > height:
+        return 0, (width - height) // 2
+    return (height - width) // 2, 0
+
+
+def official_face_image(image: np.ndarray, *, size: int = OFFICIAL_FACE_SIZE, name: str = "image") -> np.ndarray:
+    """The image the release runs face detection on: padded to a black square, resized to ``size`` NEAREST.
+
+    The square's side is ``max(H, W)`` and the image is pasted at :func:`official_pad_offset`; PIL's NEAREST resize
+    then takes source pixel ``floor((i + 0.5) * side / size)`` for output pixel ``i``. The release then converts to
+    BGR for insightface, whose detector and recognizer swap back to RGB; idfusion's ONNX backends take this RGB
+    array directly. Map detections back with :func:`official_to_original`.
+
+    Args:
+        image (`np.ndarray`): ``(H, W, 3)`` uint8 RGB (an alpha channel is dropped).
+        size (`int`, *optional*, defaults to 512): output side.
+        name (`str`, *optional*): names the image in errors.
+
+    Returns:
+        `np.ndarray`: ``(size, size, 3)`` uint8 RGB.
+
+    Raises:
+        ImageError: not an ``(H, W, 3)`` uint8 array.
+    """
+    from PIL import Image
+
+    rgb = _rgb_array(image, name)
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    height, width = rgb.shape[:2]
+    side = max(height, width)
+    left, top = official_pad_offset(height, width)
+    square = np.zeros((side, side, 3), dtype=np.uint8)
+    square[top : top + height, left : left + width] = rgb
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.NEAREST))
+
+
+def official_to_original(
+    points: np.ndarray, image_shape: Sequence[int], *, size: int = OFFICIAL_FACE_SIZE
+) -> np.ndarray:
+    """Map ``(..., 2)`` ``(x, y)`` coordinates (boxes as ``(x1, y1), (x2, y2)`` pairs, landmarks) found on
+    :func:`official_face_image` back to the original ``image_shape`` ``(H, W, ...)``: ``x * side / size - left``.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    left, top = official_pad_offset(height, width)
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape[-1] != 2:
+        raise ValueError(f"points must have shape (..., 2), got {points.shape}")
+    scale = max(height, width) / size
+    return points * scale - np.array([left, top], dtype=np.float64)
+
+
+def official_face_index(boxes: np.ndarray) -> int:
+    """The face the release calls "the largest": the last one after a stable sort by ``(x2 - x1) * y2 - y1``.
+
+    That key is the release's expression as written (operator precedence makes it ``((x2 - x1) * y2) - y1``, not
+    the area); ties go to the later box. Boxes must be in the detector's order (insightface: by score) and in the
+    coordinates of :func:`official_face_image`, as the release's are.
+
+    Args:
+        boxes (`np.ndarray`): ``(N, 4)`` ``x1, y1, x2, y2`` with ``N >= 1``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        raise ValueError("official_face_index needs at least one box")
+    keys = (boxes[:, 2] - boxes[:, 0]) * boxes[:, 3] - boxes[:, 1]
+    return int(len(keys) - 1 - np.argmax(keys[::-1]))  # last maximum
+
+
+class OfficialFaceEmbedder:
+    """Face embeddings the way the release extracts them (``extract_init_id_embeds_from_images``), for either branch.
+
+    An SCRFD detector runs at size 512 on :func:`official_face_image` (score 0.5, NMS 0.4, as insightface's
+    ``FaceAnalysis.prepare(det_size=(512, 512))``; no second try on a padded image), the face is
+    :func:`official_face_index`'s, and its ArcFace embedding (112 aligned crop) is L2-normalised. The Arc2Face
+    branch uses ``antelopev2`` with Arc2Face's ``arcface.onnx`` (:meth:`antelopev2`), the ConsistentID branch
+    ``buffalo_l`` (:class:`idfusion.methods.adaface_consistentid.BuffaloLFaces`).
+
+    Args:
+        detector_path, recognizer_path (`str` or `os.PathLike`): the ONNX files.
+        providers (`Sequence[str]`, *optional*): onnxruntime providers.
+    """
+
+    def __init__(
+        self,
+        detector_path: str | os.PathLike[str],
+        recognizer_path: str | os.PathLike[str],
+        *,
+        providers: Sequence[str] | None = None,
+    ):
+        from ..faces.onnx_backend import ArcFaceRecognizer, SCRFDDetector
+
+        size = (OFFICIAL_FACE_SIZE, OFFICIAL_FACE_SIZE)
+        self.detector = SCRFDDetector(
+            detector_path, det_size=size, score_threshold=0.5, iou_threshold=0.4, providers=providers
+        )
+        self.recognizer = ArcFaceRecognizer(recognizer_path, providers=providers)
+
+    @classmethod
+    def antelopev2(
+        cls, model_dir: str | os.PathLike[str], *, providers: Sequence[str] | None = None
+    ) -> OfficialFaceEmbedder:
+        """The Arc2Face branch's models: ``scrfd_10g_bnkps.onnx`` and ``arcface.onnx`` in ``model_dir``."""
+        folder = Path(model_dir)
+        files = [folder / "scrfd_10g_bnkps.onnx", folder / "arcface.onnx"]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelFilesError(f"{folder}: antelopev2 face models {missing} not found")
+        return cls(files[0], files[1], providers=providers)
+
+    def detect(self, image: np.ndarray, *, name: str = "image") -> tuple[np.ndarray, list[Detection]]:
+        """:func:`official_face_image` of ``image`` and its detections (by score, highest first)."""
+        face_image = official_face_image(image, name=name)
+        return face_image, self.detector.detect(face_image)
+
+    def embed(self, image: np.ndarray, *, name: str = "image") -> np.ndarray | None:
+        """The unit ``(512,)`` float32 embedding of the release's chosen face, or ``None`` when none is found."""
+        face_image, detections = self.detect(image, name=name)
+        if not detections:
+            return None
+        chosen = detections[official_face_index(np.stack([d.bbox for d in detections]))]
+        embedding = self.recognizer.embed(face_image, chosen.landmarks[None])[0].astype(np.float32)
+        return embedding / np.linalg.norm(embedding)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -593,8 +803,10 @@ class AdaFaceCheckpoint:
         encoder_index (`int`): the Arc2Face generator's index among the checkpoint's generators (1 in v2 joint
             checkpoints, else 0); names the v2 tokens.
         consistentid_projector (`AdaFaceProjector`, *optional*): the ConsistentID branch of a v2 joint checkpoint
-            (4 ID tokens). Kept for completeness; its inputs need models this package does not load.
+            (4 ID tokens); :class:`idfusion.methods.adaface_consistentid.ConsistentIDEncoder` runs it.
         placeholder_strings (`list[str]`): the checkpoint's placeholder strings (``['z']``; v1 also ``'y'``).
+        consistentid_index (`int`, *optional*): the ConsistentID generator's index (0 in the release); names its
+            tokens ``z_0_0 .. z_0_3``.
     """
 
     path: Path
@@ -605,10 +817,32 @@ class AdaFaceCheckpoint:
     encoder_index: int = 0
     consistentid_projector: AdaFaceProjector | None = None
     placeholder_strings: list[str] = field(default_factory=list)
+    consistentid_index: int | None = None
 
     @property
     def has_consistentid(self) -> bool:
         return self.consistentid_projector is not None
+
+    @property
+    def consistentid_subject_tokens(self) -> list[str]:
+        """The ConsistentID branch's tokens (``z_0_0 .. z_0_3``); empty without that branch."""
+        if self.consistentid_projector is None or self.consistentid_index is None:
+            return []
+        return subject_tokens(
+            self.version,
+            self.consistentid_projector.num_id_tokens,
+            subject=self.subject_string,
+            encoder_index=self.consistentid_index,
+        )
+
+    def joint_subject_tokens(self, *, consistentid: bool = True) -> list[list[str]]:
+        """Token groups in the release's encoder order (its ``adaface_encoder_types``, ``["consistentID",
+        "arc2face"]``): ``[[z_0_0..z_0_3], [z_1_0..z_1_15]]``, or ``[[z_1_0..z_1_15]]`` for Arc2Face only (as the
+        release's ``enabled_encoders=["arc2face"]``, which leaves the ConsistentID tokens out of the prompt)."""
+        groups = [(self.encoder_index, self.subject_tokens)]
+        if consistentid and self.consistentid_subject_tokens:
+            groups.append((self.consistentid_index, self.consistentid_subject_tokens))
+        return [tokens for _, tokens in sorted(groups, key=lambda item: item[0])]
 
     @property
     def subject_tokens(self) -> list[str]:
@@ -673,15 +907,41 @@ def _generator_num_id_tokens(generator: Any, default: int) -> int:
     return default
 
 
-def _detect_version(top: Mapping[str, Any], generator: Any) -> str:
-    if any(k in top for k in ("string_to_token", "token2num_vectors", "string_to_static_embedder", "do_zero_shot")):
-        return ADAFACE_V1
-    # A stripped v1 file keeps only the generator dict: v1 classes were pickled under ``ldm.`` and have num_out_layers.
-    members = [generator, *_children(generator).values()] if _is_module_list(generator) else [generator]
-    for member in members:
-        if stub_qualified_name(member).startswith("ldm.") or "num_out_layers" in _attrs(member):
-            return ADAFACE_V1
-    return ADAFACE_V2
+# Top-level keys only the 2024 (v1) EmbeddingManager.save wrote; ``token2num_vectors`` is not one of them: the
+# dev repo's save kept it into the v2 era (at the v2 release's training date, 2024-10-14, too).
+_V1_ONLY_TOP_KEYS = ("string_to_token", "string_to_static_embedder", "emb_global_scale_scores", "do_zero_shot")
+
+
+def _detect_version(top: Mapping[str, Any], generator: Any) -> tuple[str, str]:
+    """``(version, reason)`` from what truly differs between the eras of the dev repo (askerlee/AdaFace-dev).
+
+    The v2 behaviour (template ``"photo of a " + ", " * (N_ID + 2)``, appended ``z_{e}_{i}`` tokens) arrived with
+    the generator attribute ``N_ID`` (commit e11ffd44, 2024-08-30); before it, generators had no ``N_ID`` and the
+    template had 16 commas. Joint encoders (a ``ModuleList`` of generators) came later still (2024-09-23). Older
+    signs of v1: ``num_out_layers`` without ``N_ID``, the single ``prompt2token_proj_attention_multiplier``, a
+    subject ``pos_embs`` parameter (set to ``None`` from 2024-07-19), the v1-only top-level keys and ``ldm.``
+    class paths. Module paths alone do not decide: the classes moved to ``adaface.`` on 2024-06-07, while the v1
+    template stayed until 2024-08-30.
+    """
+    if _is_module_list(generator):
+        return ADAFACE_V2, "its subject generators are a joint ModuleList (v2 only)"
+    attrs = _attrs(generator)
+    if isinstance(attrs.get("N_ID"), int):
+        return ADAFACE_V2, "its subject generator has N_ID (v2, from 2024-08-30)"
+    v1_signs = [name for name in ("num_out_layers", "prompt2token_proj_attention_multiplier") if name in attrs]
+    if isinstance(_children_params(generator).get("pos_embs"), torch.Tensor):
+        v1_signs.append("a subject pos_embs parameter")
+    v1_signs += [f"top-level key {k!r}" for k in _V1_ONLY_TOP_KEYS if k in top]
+    if stub_qualified_name(generator).startswith("ldm."):
+        v1_signs.append("ldm.* classes")
+    if v1_signs:
+        return ADAFACE_V1, "its subject generator has no N_ID and " + ", ".join(v1_signs) + " (v1)"
+    return ADAFACE_V2, "no sign of v1 was found; assuming v2"
+
+
+def _children_params(obj: Any) -> dict[str, Any]:
+    params = _attrs(obj).get("_parameters")
+    return params if isinstance(params, dict) else {}
 
 
 def _branches_from_pickle(path: Path, top: Any) -> tuple[str, str, list[str], list[_Branch]]:
@@ -696,7 +956,10 @@ def _branches_from_pickle(path: Path, top: Any) -> tuple[str, str, list[str], li
     if subject not in generators:
         raise ModelFilesError(f"{path}: no generator for subject {subject!r} (found {sorted(generators)})")
     generator = generators[subject]
-    version = _detect_version(top, generator)
+    version, reason = _detect_version(top, generator)
+    logger.debug("%s: AdaFace %s, since %s", path, version, reason)
+    if reason.startswith("no sign"):
+        logger.warning("%s: could not tell the AdaFace version from the file; assuming v2", path)
     if _is_module_list(generator):
         members = [generator_ for _, generator_ in sorted(_children(generator).items(), key=lambda kv: int(kv[0]))]
         # The joint order is ["consistentID", "arc2face"]; the N_ID attribute, when pickled, confirms it.
@@ -769,7 +1032,7 @@ def _read_branches(path: Path) -> tuple[str, str, list[str], list[_Branch]]:
         )
     if path.suffix == ".safetensors":
         return _branches_from_safetensors(path)
-    top = load_pickled_state(path, allowed_module_prefixes=PICKLE_MODULE_PREFIXES)
+    top = load_pickled_state(path, allowed_module_prefixes=PICKLE_MODULE_PREFIXES, allowed_globals=PICKLE_GLOBALS)
     return _branches_from_pickle(path, top)
 
 
@@ -779,9 +1042,11 @@ def load_adaface_checkpoint(
     """Load an official AdaFace ``.pt`` (v1 or v2) or a ``.safetensors`` made by :func:`convert_adaface_checkpoint`.
 
     The ``.pt`` is read with :func:`idfusion.serialization.load_pickled_state`: the authors' classes are never
-    imported and nothing in the file runs. Versions are told apart by the top-level keys (v1 has ``string_to_token``,
-    ``token2num_vectors``, ...). Only ``string_to_subj_basis_generator_dict[subject]`` is read: v1's background
-    generator ``'y'``, v1's static embedders and v2's optional UNet LoRAs are not used for generation.
+    imported and nothing in the file runs (the tokenizer the v2 generators pickle included, see
+    :data:`PICKLE_GLOBALS`). The version is read from the subject generator's structure (``N_ID`` or a joint
+    ``ModuleList``: v2; see :func:`_detect_version`), not from ``token2num_vectors``, which both eras saved. Only
+    ``string_to_subj_basis_generator_dict[subject]`` is read: background generators ``'y'``, v1's static
+    embedders and v2's optional UNet LoRAs are not used for generation.
 
     Args:
         path (`str` or `os.PathLike`): the checkpoint.
@@ -823,14 +1088,14 @@ def load_adaface_checkpoint(
             f"(found {[(b.name, b.num_id_tokens) for b in branches]})"
         )
     arc2face_branch, arc2face = projectors["arc2face"]
-    consistentid = projectors.get("consistentID", (None, None))[1]
+    consistentid_branch, consistentid = projectors.get("consistentID", (None, None))
     logger.info(
         "loaded AdaFace %s checkpoint %s: Arc2Face projector, %d layers, attention multipliers %s%s",
         version,
         path,
         arc2face.config["num_layers"],
         arc2face.attention_multipliers,
-        ", and a ConsistentID projector (not used for generation)" if consistentid is not None else "",
+        ", and a ConsistentID projector" if consistentid is not None else "",
     )
     return AdaFaceCheckpoint(
         path=path,
@@ -841,6 +1106,7 @@ def load_adaface_checkpoint(
         encoder_index=arc2face_branch.index,
         consistentid_projector=consistentid,
         placeholder_strings=placeholders,
+        consistentid_index=consistentid_branch.index if consistentid_branch is not None else None,
     )
 
 

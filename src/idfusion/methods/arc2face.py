@@ -9,7 +9,7 @@ plus add-ons; the VAE, tokenizer and scheduler config come from the SD1.5 base::
     antelopev2/  scrfd_10g_bnkps.onnx  arcface.onnx                 face models (the Hub repo has arcface.onnx
                                                                     at its root)
 
-Identity enters only through the prompt: :func:`idfusion.layers.encode_arcface_id_prompt` puts the normalised,
+Identity enters only through the prompt: :func:`idfusion.prompt_encoders.encode_arcface_id_prompt` puts the normalised,
 zero-padded ArcFace embedding at the ``id`` token of ``"photo of a id person"``. The unconditional branch is the
 same encoder on the empty prompt. Text prompts are not supported: the authors overfitted both networks to the
 template (Arc2Face issues #6 and #18).
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import encode_arcface_id_prompt, encode_text
+from ..prompt_encoders import encode_arcface_id_prompt, encode_text
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -28,6 +28,7 @@ __all__ = [
     "DOWNLOAD_PATTERNS",
     "BASE_REQUIRED_FILES",
     "DEFAULTS",
+    "SCHEDULER",
     "LCM_DEFAULTS",
     "arc2face_prompt_embeds",
     "encode_text",
@@ -54,7 +55,8 @@ BASE_REQUIRED_FILES = (
 )
 
 # The official demo: DPM-Solver++ (diffusers' multistep default, order 2) from SD1.5's scheduler config.
-DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "dpm++", "height": 512, "width": 512}
+SCHEDULER = "dpm++"
+DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0}
 # README: LCM-LoRA with 2 steps and guidance 1.0 ("LCM is very sensitive ... small values lead to oversaturation").
 LCM_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 1.0, "scheduler": "lcm"}
 

@@ -6,14 +6,18 @@ Pieces, named as in the official checkpoints (spec ``facechain-fact.md`` §2, §
   "local" output, the 144x512 patch tokens after the final LayerNorm.
 - :class:`FaceResampler`: the Perceiver resampler (``local_fac_prj.*`` in the adapter checkpoint), 144x512 tokens
   to 16 face tokens of the UNet's context width. ``k`` photos give one sequence of ``16 * k`` tokens.
-- :class:`FaceAdapterAttnProcessor`: at each of the 16 cross-attention (``attn2``) sites of an SD1.5 UNet, a gated
-  self-attention over ``[visual | face]`` tokens and a gated GEGLU feed-forward run *before* the host's own text
-  cross-attention; the block's ``norm2`` moves inside the processor as ``ln``. The context is
-  ``[text | 16k face tokens]``.
+- :class:`FactFaceAdapter`: the resampler and, for each of the 16 cross-attention (``attn2``) sites of an SD1.5
+  UNet, a :class:`FactAdapterSite`: a gated self-attention over ``[visual | face]`` tokens and a gated GEGLU
+  feed-forward that run *before* the host's own text cross-attention, on the block's residual stream. A pipeline
+  component (``ModelMixin``), so it saves and loads with the pipeline.
+- :class:`FaceAdapterAttnProcessor`: the site's attention processor. The block passes ``attn2`` its ``norm2(x)``;
+  the adapter works on ``x`` itself, which a forward pre-hook on ``norm2`` hands over (:class:`ResidualStash`). The
+  site's ``ln`` (the release's relocated ``norm2``) normalises the adapted stream. The UNet's modules are unchanged.
 - :class:`TextOnlyControlNetProcessor`: ControlNets get the same context and drop the trailing face tokens.
 
 :func:`load_fact_adapter` loads an official adapter ``.ckpt`` (both base models share the format) and
-:func:`load_transface` the TransFace weights, strictly.
+:func:`load_transface` the TransFace weights, strictly; :func:`fact_adapter_key_map` is the key map between the
+checkpoint and :class:`FactFaceAdapter`, written once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..serialization import check_state_dict, format_keys, load_tensor_file
@@ -34,16 +40,21 @@ from ..serialization import check_state_dict, format_keys, load_tensor_file
 __all__ = [
     "ADAPTER_FILES",
     "TRANSFACE_FILE",
+    "UNUSED_PREFIXES",
     "TransFaceViT",
     "FaceResampler",
+    "FactAdapterSite",
+    "FactFaceAdapter",
     "FaceAdapterAttnProcessor",
+    "ResidualStash",
     "TextOnlyControlNetProcessor",
     "adapter_sites",
     "attach_face_adapter",
-    "detach_face_adapter",
+    "FaceAdapterHandle",
     "attach_text_only_processors",
     "set_face_adapter_scale",
     "set_num_face_tokens",
+    "fact_adapter_key_map",
     "load_fact_adapter",
     "load_transface",
     "preprocess_transface",
@@ -85,6 +96,11 @@ NEGATIVE_PROMPT = (
 RESAMPLER_PREFIX = "local_fac_prj."
 _PROCESSOR_INFIX = ".attn2.processor."
 TOKENS_PER_FACE = 16
+#: Checkpoint prefixes the release loads with ``strict=False`` and never uses, and why; they are skipped with a
+#: logged note (any other unknown key is refused).
+UNUSED_PREFIXES = {
+    "global_fac_prj.": "the trainer's projector of TransFace's global embedding, unused by FACT's inference",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +161,7 @@ class _PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
 
-class TransFaceViT(nn.Module):
+class TransFaceViT(ModelMixin, ConfigMixin):
     """TransFace ViT (Dan et al., ICCV 2023) in the key naming of its ``backbones/vit.py``.
 
     Defaults are ViT-S as FACT uses it: 112x112 input, 9x9 patches (144 tokens, no CLS token), width 512, 12 blocks
@@ -163,6 +179,7 @@ class TransFaceViT(nn.Module):
         num_features (`int`, defaults to 512): width of the global embedding (``num_classes`` upstream).
     """
 
+    @register_to_config
     def __init__(
         self,
         img_size: int = 112,
@@ -486,36 +503,15 @@ def _check_host(attn) -> None:
         raise ValueError("FACT adapters need attention with rescale_output_factor 1 and no residual connection")
 
 
-class FaceAdapterAttnProcessor(nn.Module):
-    """The FACT adapter at one cross-attention (``attn2``) site: gated self-attention, gated FF, then text attention.
-
-    With ``x`` the block's residual stream (its ``norm2`` moved here as ``ln``), ``s`` = :attr:`scale`, and the
-    context split into ``text`` and the trailing :attr:`num_face_tokens` face tokens ``face``::
-
-        f = linear(face)
-        x = x + s * tanh(alpha_attn)  * attn(norm1([x | f]))[:, :N]     (heads of the host attention)
-        x = x + s * tanh(alpha_dense) * ff(norm2(x))                      (GEGLU, 4x)
-        y = host_cross_attention(ln(x), text)
-        return y + x - x_in                                                (the block adds x_in back)
-
-    With ``s = 0`` the processor returns the host's ``cross_attention(ln(x_in), text)`` exactly.
+class FactAdapterSite(nn.Module):
+    """The FACT adapter's weights at one cross-attention site (checkpoint ``<site>.attn2.processor.*``).
 
     Args:
-        hidden_size (`int`): the site's width ``C``.
-        cross_attention_dim (`int`, defaults to 768): the face tokens' width.
-        ln (`nn.Module`, *optional*): the block's ``norm2``; a fresh ``LayerNorm(C)`` when not given.
-        num_face_tokens (`int`, defaults to 16): face tokens at the end of the context (16 per photo).
-        scale (`float`, defaults to 1.0): the adapter scale ``s``.
+        hidden_size: the site's width ``C``.
+        cross_attention_dim: the face tokens' width.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        cross_attention_dim: int = 768,
-        ln: nn.Module | None = None,
-        num_face_tokens: int = TOKENS_PER_FACE,
-        scale: float = 1.0,
-    ):
+    def __init__(self, hidden_size: int, cross_attention_dim: int = 768):
         super().__init__()
         self.linear = nn.Linear(cross_attention_dim, hidden_size)
         self.attn = _AdapterSelfAttention(hidden_size)
@@ -524,11 +520,89 @@ class FaceAdapterAttnProcessor(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size)
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
-        self.ln = ln if ln is not None else nn.LayerNorm(hidden_size)
-        self.num_face_tokens = num_face_tokens
+        self.ln = nn.LayerNorm(hidden_size)  # the block's norm2, relocated by the release
+
+
+def adapter_sites(unet: nn.Module) -> dict[str, nn.Module]:
+    """The UNet's transformer blocks with cross-attention, by path (16 in SD1.5), in module order."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None
+    }
+
+
+class FactFaceAdapter(ModelMixin, ConfigMixin):
+    """FACT's trained parts: the resampler and one :class:`FactAdapterSite` per cross-attention site.
+
+    Args:
+        site_paths: the UNet's transformer-block paths, in module order (``down_blocks.0.attentions.0.…``).
+        hidden_sizes: each site's width.
+        cross_attention_dim: the face tokens' width (the UNet's context width).
+        resampler_config: :class:`FaceResampler` arguments.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        site_paths: list[str],
+        hidden_sizes: list[int],
+        cross_attention_dim: int = 768,
+        resampler_config: dict | None = None,
+    ):
+        super().__init__()
+        if len(site_paths) != len(hidden_sizes):
+            raise ValueError(f"{len(site_paths)} site paths but {len(hidden_sizes)} widths")
+        self.resampler = FaceResampler(**{"output_dim": cross_attention_dim, **(resampler_config or {})})
+        self.sites = nn.ModuleList(FactAdapterSite(width, cross_attention_dim) for width in hidden_sizes)
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, resampler: dict | None = None) -> FactFaceAdapter:
+        """An adapter shaped for ``unet`` (zero gates: it changes nothing until trained or loaded), with each site's
+        ``ln`` initialised from its block's ``norm2``."""
+        sites = adapter_sites(unet)
+        width = unet.config.cross_attention_dim
+        with torch.device(unet.device):
+            adapter = cls(list(sites), [b.attn2.to_q.in_features for b in sites.values()], width, resampler)
+        for site, block in zip(adapter.sites, sites.values(), strict=True):
+            if isinstance(block.norm2, nn.LayerNorm) and not block.norm2.weight.is_meta:
+                site.ln.load_state_dict(block.norm2.state_dict())
+        return adapter.to(dtype=unet.dtype)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - read by the processors, not called
+        raise RuntimeError("FactFaceAdapter is read by FACT's attention processors; encode faces with .resampler")
+
+
+class ResidualStash:
+    """A forward pre-hook on a block's ``norm2`` that keeps its input, the residual stream ``x`` (the documented way
+    FACT's processor sees ``x`` while the block hands ``attn2`` only ``norm2(x)``)."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+
+class FaceAdapterAttnProcessor:
+    """The FACT adapter at one cross-attention (``attn2``) site: gated self-attention, gated FF, then text attention.
+
+    With ``x`` the block's residual stream, ``s`` = :attr:`scale` and the context split into ``text`` and the
+    trailing :attr:`num_face_tokens` face tokens ``face``::
+
+        f = linear(face)
+        x' = x + s * tanh(alpha_attn)  * attn(norm1([x | f]))[:, :N]     (heads of the host attention)
+        x' = x' + s * tanh(alpha_dense) * ff(norm2(x'))                   (GEGLU, 4x)
+        y = host_cross_attention(ln(x'), text)
+        return y + x' - x                                                 (the block adds x back)
+
+    With ``s = 0`` it returns the host's ``cross_attention(ln(x), text)`` exactly.
+    """
+
+    def __init__(self, site: FactAdapterSite, stash: ResidualStash, scale: float = 1.0):
+        self.site, self.stash = site, stash
+        self.num_face_tokens = TOKENS_PER_FACE
         self.scale = scale
-        # the processor this one replaced (restored by detach_face_adapter); kept out of the module tree
-        object.__setattr__(self, "host_processor", None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None:
@@ -542,15 +616,18 @@ class FaceAdapterAttnProcessor(nn.Module):
         text, face = encoder_hidden_states[:, :-n_face], encoder_hidden_states[:, -n_face:]
         if attention_mask is not None:
             attention_mask = attention_mask[..., : text.shape[1]]
-        x_in = hidden_states
-        if self.scale == 0:  # the base block, bit for bit
-            return _host_cross_attention(attn, self.ln(x_in), text, attention_mask)
+        site = self.site
+        x_in, self.stash.value = self.stash.value, None  # consumed: a later call must not read a stale stream
+        if x_in is None or x_in.shape != hidden_states.shape:
+            raise RuntimeError("FACT adapter: the block's residual stream was not captured (norm2 hook missing)")
+        if self.scale == 0:  # the base block (with the release's ln), bit for bit
+            return _host_cross_attention(attn, site.ln(x_in), text, attention_mask)
         length = x_in.shape[1]
-        f = self.linear(face.to(x_in.dtype))  # (B, 16k, C_ctx) -> (B, 16k, C)
-        joint = self.norm1(torch.cat([x_in, f], dim=1))  # (B, N + 16k, C)
-        x = x_in + self.scale * torch.tanh(self.alpha_attn) * self.attn(joint, attn.heads)[:, :length]
-        x = x + self.scale * torch.tanh(self.alpha_dense) * self.ff(self.norm2(x))
-        y = _host_cross_attention(attn, self.ln(x), text, attention_mask)
+        f = site.linear(face.to(x_in.dtype))  # (B, 16k, C_ctx) -> (B, 16k, C)
+        joint = site.norm1(torch.cat([x_in, f], dim=1))  # (B, N + 16k, C)
+        x = x_in + self.scale * torch.tanh(site.alpha_attn) * site.attn(joint, attn.heads)[:, :length]
+        x = x + self.scale * torch.tanh(site.alpha_dense) * site.ff(site.norm2(x))
+        y = _host_cross_attention(attn, site.ln(x), text, attention_mask)
         return y + x - x_in
 
 
@@ -571,64 +648,48 @@ class TextOnlyControlNetProcessor:
         return _host_cross_attention(attn, hidden_states, context, attention_mask)
 
 
-def adapter_sites(unet: nn.Module) -> dict[str, nn.Module]:
-    """The UNet's transformer blocks with cross-attention, by path (16 in SD1.5), in module order."""
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if type(module).__name__ == "BasicTransformerBlock" and getattr(module, "attn2", None) is not None
-    }
+class FaceAdapterHandle:
+    """What :func:`attach_face_adapter` returns: the processors by site, and :meth:`remove` to detach."""
+
+    def __init__(self, unet: nn.Module, processors: dict[str, FaceAdapterAttnProcessor], previous, hooks):
+        self.unet, self.processors, self._previous, self._hooks = unet, processors, previous, hooks
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for path, block in adapter_sites(self.unet).items():
+            block.attn2.set_processor(self._previous[path])
+        self._hooks.clear()
 
 
-def attach_face_adapter(
-    unet: nn.Module, *, cross_attention_dim: int = 768, scale: float = 1.0
-) -> dict[str, FaceAdapterAttnProcessor]:
-    """Put a :class:`FaceAdapterAttnProcessor` on every ``attn2`` of ``unet`` and move each block's ``norm2`` into it.
+def attach_face_adapter(unet: nn.Module, adapter: FactFaceAdapter, *, scale: float = 1.0) -> FaceAdapterHandle:
+    """Put a :class:`FaceAdapterAttnProcessor` reading ``adapter`` on every ``attn2`` of ``unet``, and the
+    :class:`ResidualStash` hook on each block's ``norm2``.
 
-    New processors are created on the device and in the dtype of their host attention, with zero gates.
-
-    Args:
-        unet (`UNet2DConditionModel`): an SD1.5-topology UNet.
-        cross_attention_dim (`int`, defaults to 768): face-token width.
-        scale (`float`, defaults to 1.0): the adapter scale.
-
-    Returns:
-        `dict[str, FaceAdapterAttnProcessor]`: processor by site path ``….transformer_blocks.0``; their state-dict
-        keys in ``unet`` are ``<site>.attn2.processor.<param>``.
+    Raises:
+        ValueError: the adapter does not fit the UNet's sites, or one is attached already.
     """
-    processors = {}
-    for path, block in adapter_sites(unet).items():
+    sites = adapter_sites(unet)
+    if list(sites) != list(adapter.config.site_paths):
+        raise ValueError(f"the FACT adapter's sites do not match this UNet's ({len(sites)} sites)")
+    processors, previous, hooks = {}, {}, []
+    for (path, block), site in zip(sites.items(), adapter.sites, strict=True):
         attn = block.attn2
         if isinstance(attn.processor, FaceAdapterAttnProcessor):
             raise ValueError(f"{path}: a FACT adapter is already attached")
         _check_host(attn)
-        if not isinstance(block.norm2, nn.LayerNorm):
-            raise ValueError(f"{path}: expected a LayerNorm norm2, got {type(block.norm2).__name__}")
-        weight = attn.to_q.weight
-        hidden = attn.to_q.in_features
-        with torch.device(weight.device):
-            processor = FaceAdapterAttnProcessor(hidden, cross_attention_dim, ln=block.norm2, scale=scale)
-        processor.to(dtype=weight.dtype)
-        object.__setattr__(processor, "host_processor", attn.processor)
-        block.norm2 = nn.Identity()
-        attn.set_processor(processor)
-        processors[path] = processor
+        if not isinstance(block.norm2, nn.LayerNorm) or attn.to_q.in_features != site.ln.normalized_shape[0]:
+            raise ValueError(f"{path}: expected a LayerNorm norm2 of width {site.ln.normalized_shape[0]}")
+        stash = ResidualStash()
+        hooks.append(block.norm2.register_forward_pre_hook(stash))
+        previous[path] = attn.processor
+        processors[path] = FaceAdapterAttnProcessor(site, stash, scale)
+        attn.set_processor(processors[path])
     logger.debug("attached FACT adapters at %d sites", len(processors))
-    return processors
+    return FaceAdapterHandle(unet, processors, previous, hooks)
 
 
-def detach_face_adapter(unet: nn.Module) -> None:
-    """Undo :func:`attach_face_adapter`: each block's ``norm2`` and previous ``attn2`` processor come back."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    for block in adapter_sites(unet).values():
-        processor = block.attn2.processor
-        if isinstance(processor, FaceAdapterAttnProcessor):
-            block.norm2 = processor.ln
-            block.attn2.set_processor(processor.host_processor or AttnProcessor2_0())
-
-
-def _processors(model: nn.Module, kind: type) -> list:
+def _processors(model: nn.Module, kind: type | tuple[type, ...]) -> list:
     return [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), kind)]
 
 
@@ -663,25 +724,38 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
     module.load_state_dict(state, strict=True, assign=any(v.is_meta for v in expected.values()))
 
 
+def fact_adapter_key_map(adapter: FactFaceAdapter) -> dict[str, str]:
+    """The official checkpoint key of each :class:`FactFaceAdapter` key (the inverse is this dict inverted):
+    ``resampler.*`` <- ``local_fac_prj.*``, ``sites.{i}.*`` <- ``<site path>.attn2.processor.*``."""
+    paths = adapter.config.site_paths
+    keys = {}
+    for key in adapter.state_dict():
+        if key.startswith("resampler."):
+            keys[key] = RESAMPLER_PREFIX + key.removeprefix("resampler.")
+        else:
+            index, _, rest = key.removeprefix("sites.").partition(".")
+            keys[key] = f"{paths[int(index)]}{_PROCESSOR_INFIX}{rest}"
+    return keys
+
+
 def load_fact_adapter(
     path_or_state_dict: str | os.PathLike[str] | Mapping[str, torch.Tensor], unet: nn.Module, *, heads: int = 12
-) -> tuple[FaceResampler, dict[str, FaceAdapterAttnProcessor]]:
-    """Load an official FACT adapter checkpoint: the resampler and the 16 adapter processors, strictly.
+) -> FactFaceAdapter:
+    """Load an official FACT adapter checkpoint for ``unet``: the resampler and the 16 sites, strictly.
 
     The checkpoint (``adapter_{maj,film}_mask_large_new_reg001_faceshuffle_00290001.ckpt``, a ``torch.save`` dict)
     holds ``local_fac_prj.*`` (the resampler) and ``<site>.attn2.processor.*`` (the adapters). Every key must be
-    used and every parameter filled; ``….processor.ln.*`` (the relocated block ``norm2``) is optional and keeps the
-    base UNet's values when absent. Adapters are attached to ``unet`` (see :func:`attach_face_adapter`) and
-    restored by :func:`detach_face_adapter`.
+    used and every parameter filled, except: ``….processor.ln.*`` (the relocated block ``norm2``) is optional and
+    keeps the base UNet's ``norm2`` values when absent, and keys under :data:`UNUSED_PREFIXES` (left over from the
+    release's trainer, which its own loader ignores with ``strict=False``) are skipped with a logged note.
 
     Args:
         path_or_state_dict: the ``.ckpt`` (or a ``.safetensors``) file, or its loaded dict.
-        unet (`UNet2DConditionModel`): the base UNet (adapters attach in place).
+        unet (`UNet2DConditionModel`): the base UNet the adapter is for (not changed).
         heads (`int`, defaults to 12): resampler heads (not recoverable from the shapes).
 
     Returns:
-        `tuple[FaceResampler, dict[str, FaceAdapterAttnProcessor]]`: the resampler (eval mode, on CPU in the file's
-        dtype) and the processors by site.
+        `FactFaceAdapter`: in eval mode, on the UNet's device, in the file's dtype.
 
     Raises:
         ValueError: unexpected, missing or mis-shaped keys (named in the message).
@@ -690,37 +764,31 @@ def load_fact_adapter(
         state = dict(path_or_state_dict)
     else:
         state = load_tensor_file(path_or_state_dict, what="FACT adapter checkpoint")
+    for prefix, reason in UNUSED_PREFIXES.items():
+        unused = [k for k in state if k.startswith(prefix)]
+        if unused:
+            logger.info("FACT adapter checkpoint: skipping %d %s* keys (%s)", len(unused), prefix, reason)
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     resampler_state = {k[len(RESAMPLER_PREFIX) :]: v for k, v in state.items() if k.startswith(RESAMPLER_PREFIX)}
-    adapter_state = {k: v for k, v in state.items() if not k.startswith(RESAMPLER_PREFIX)}
     if not resampler_state:
         raise ValueError(f"not a FACT adapter checkpoint: no {RESAMPLER_PREFIX}* keys")
-    resampler = FaceResampler(**FaceResampler.config_from_state_dict(resampler_state, heads=heads))
-    _load_strict(resampler, resampler_state, "FACT resampler (local_fac_prj.*)")
-    resampler.to(dtype=resampler_state["latents"].dtype).eval()
-
-    stray = [k for k in adapter_state if _PROCESSOR_INFIX not in k]
+    stray = [k for k in state if not k.startswith(RESAMPLER_PREFIX) and _PROCESSOR_INFIX not in k]
     if stray:
         raise ValueError(f"FACT adapter checkpoint: unexpected keys: {format_keys(stray)}")
-    width = resampler_state["proj_out.weight"].shape[0]
-    processors = attach_face_adapter(unet, cross_attention_dim=width)
-    try:
-        expected = {
-            f"{site}{_PROCESSOR_INFIX}{key}": value
-            for site, processor in processors.items()
-            for key, value in processor.state_dict().items()
-        }
-        optional = {f"{site}{_PROCESSOR_INFIX}ln.{n}" for site in processors for n in ("weight", "bias")}
-        check_state_dict(expected, adapter_state, "FACT adapter processors (*.attn2.processor.*)", optional)
-        for site, processor in processors.items():
-            prefix = f"{site}{_PROCESSOR_INFIX}"
-            own = {k[len(prefix) :]: v for k, v in adapter_state.items() if k.startswith(prefix)}
-            meta = processor.linear.weight.is_meta
-            processor.load_state_dict(own, strict=False, assign=meta)  # keys checked above
-    except Exception:
-        detach_face_adapter(unet)
-        raise
-    logger.info("loaded FACT adapter: resampler + %d sites", len(processors))
-    return resampler, processors
+    config = FaceResampler.config_from_state_dict(resampler_state, heads=heads)
+    adapter = FactFaceAdapter.for_unet(unet, resampler={k: v for k, v in config.items() if k != "output_dim"})
+    names = fact_adapter_key_map(adapter)
+    expected = {names[k]: v for k, v in adapter.state_dict().items()}
+    optional = {names[k] for k in names if ".ln." in k and k.startswith("sites.")}
+    check_state_dict(expected, state, "FACT adapter (local_fac_prj.*, *.attn2.processor.*)", optional)
+    inverse = {official: key for key, official in names.items()}
+    own = {inverse[k]: v for k, v in state.items()}
+    missing_ln = optional - set(state)
+    meta = any(v.is_meta for v in adapter.state_dict().values())
+    adapter.load_state_dict(own, strict=not missing_ln, assign=meta)
+    dtype = resampler_state["latents"].dtype
+    logger.info("loaded FACT adapter: resampler + %d sites", len(adapter.sites))
+    return adapter.to(dtype=dtype).eval()
 
 
 def load_transface(path: str | os.PathLike[str], *, num_heads: int = 8) -> TransFaceViT:

@@ -22,17 +22,21 @@ Pieces, named as in the official ``feed-4800000.pt`` (spec ``flashface-feedface.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..serialization import check_state_dict, load_tensor_file, rebuild_position_ids
@@ -60,8 +64,10 @@ __all__ = [
     "sd15_feed_state_dict",
     "save_sd15_feed_adapter",
     "load_sd15_feed_adapter",
+    "FACE_MODES",
     "face_crop",
     "preprocess_faces",
+    "encode_face_crops",
     "load_feed_adapter",
 ]
 
@@ -71,7 +77,8 @@ logger = logging.getLogger(__name__)
 #: Sampling as the release's ``inference.py``: DPM-Solver++ (3rd order, singlestep "fast" order schedule), 40 steps,
 #: ``out = cond + 5 (cond - uncond)`` (a standard guidance scale of 6), adapter multiplier 0.8 in the conditional
 #: branch, 512 px.
-DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 6.0, "scheduler": "dpm++-3s", "feed_scale": 0.8}
+DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 6.0, "feed_scale": 0.8}
+SCHEDULER = "dpm++-3s"
 #: UniDiffuser's discrete VP schedule (Stable Diffusion's betas).
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -292,44 +299,47 @@ class FeedAdapterHandle:
         self.remove()
 
 
-class FeedAdapter(nn.Module):
+# U-ViTs with a feed adapter attached (one adapter per U-ViT), kept here rather than as a flag on the diffusers model
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, FeedAdapter] = weakref.WeakKeyDictionary()
+
+
+class FeedAdapter(ModelMixin, ConfigMixin):
     """The release's ``T2IAdapter`` (``type_=2``): face encoder + 14 feed blocks on a UniDiffuser-v1 U-ViT.
 
     State-dict keys are those of ``feed-4800000.pt``: ``preprocess_module.*`` (:class:`FaceEncoder`) and
     ``blocks.{i}.blocks.0.*`` / ``blocks.{i}.zero_linear.weight`` for ``i`` in the order of
-    :data:`UVIT_BLOCK_NAMES`.
+    :data:`UVIT_BLOCK_NAMES`. A pipeline component (``ModelMixin``): it saves and loads with the pipeline.
 
     Use: ``tokens = adapter.encode_faces(pixels)``, ``adapter.set_face_tokens(tokens)`` once per generation,
     ``adapter.attach(unet)``, then call the U-ViT as usual; :meth:`detach` restores the bare model.
 
     The multiplier scales every block's delta. With ``attach(unet, uncond_off=True)`` each U-ViT call picks its
-    own multiplier from ``timestep_text`` (:meth:`branch_multiplier`): diffusers' ``UniDiffuserPipeline``
-    text-to-image mode calls the model twice per step, the conditional call with ``timestep_text=0`` and the
-    unconditional one with ``timestep_text`` = the largest timestep; the release uses the adapter only in the
-    conditional branch (multiplier 0 in the unconditional one, spec §3.5). This rule only fits text-to-image
-    calls: other UniDiffuser modes use a non-zero ``timestep_text`` in their conditional calls too.
+    own multiplier from its ``timestep_text`` argument (:meth:`branch_multiplier`): diffusers'
+    ``UniDiffuserPipeline`` text-to-image mode calls the model twice per step, the conditional call with
+    ``timestep_text=0`` and the unconditional one with ``timestep_text`` = the largest timestep; the release uses the
+    adapter only in the conditional branch (multiplier 0 in the unconditional one, spec §3.5). This rule only fits
+    text-to-image calls: other UniDiffuser modes use a non-zero ``timestep_text`` in their conditional calls too.
 
     Args:
         dim (`int`, defaults to 1536): the U-ViT width (face-token width too).
         num_heads (`int`, *optional*): feed-block heads (default ``dim / 24``: 64 for the release).
         vision_config (`Mapping`, *optional*): CLIP vision config overrides (tiny test models).
-        multiplier (`float`, defaults to :data:`DEFAULT_MULTIPLIER`): the adapter strength (0 = base model).
         num_blocks (`int`, defaults to 14): feed blocks (one per name in :data:`UVIT_BLOCK_NAMES`).
     """
 
+    @register_to_config
     def __init__(
         self,
         dim: int = _UVIT_WIDTH,
         num_heads: int | None = None,
-        vision_config: Mapping[str, Any] | None = None,
-        multiplier: float = DEFAULT_MULTIPLIER,
+        vision_config: dict[str, Any] | None = None,
         num_blocks: int = len(UVIT_BLOCK_NAMES),
     ):
         super().__init__()
         self.dim = dim
         self.preprocess_module = FaceEncoder(dim, vision_config)
         self.blocks = nn.ModuleList([FeedBlock(dim, num_heads) for _ in range(num_blocks)])
-        self.multiplier = float(multiplier)
+        self.multiplier = DEFAULT_MULTIPLIER
         self.uncond_off = False
         self._face_tokens: torch.Tensor | None = None
         self._call_multiplier: float | None = None
@@ -429,19 +439,22 @@ class FeedAdapter(nn.Module):
         missing = [name for name in UVIT_BLOCK_NAMES if name not in modules]
         if missing:
             raise ValueError(f"the U-ViT has no blocks {', '.join(missing)} (needs >= 13 in- and out-blocks)")
-        for name, module in modules.items():
-            if getattr(module, "_feed_adapter_hooked", False):
-                raise ValueError(f"{name}: another FeedAdapter is attached to this U-ViT")
+        if unet in _ATTACHED:
+            raise ValueError("another FeedAdapter is attached to this U-ViT")
         self._num_img_tokens = int(unet.num_patches)
         for index, name in enumerate(UVIT_BLOCK_NAMES):
-            block = modules[name]
-            self._feed_hooks.append(block.register_forward_hook(self._make_block_hook(index)))
-            block._feed_adapter_hooked = True
-            self._feed_hooks.append(_Flag(block))
+            self._feed_hooks.append(modules[name].register_forward_hook(self._make_block_hook(index)))
         self.uncond_off = uncond_off
         if uncond_off:
-            self._feed_hooks.append(unet.register_forward_pre_hook(self._pre_call, with_kwargs=True))
+            signature = inspect.signature(unet.forward)
+            self._feed_hooks.append(
+                unet.register_forward_pre_hook(
+                    lambda module, args, kwargs: self._pre_call(signature, args, kwargs), with_kwargs=True
+                )
+            )
             self._feed_hooks.append(unet.register_forward_hook(self._post_call, always_call=True))
+        _ATTACHED[unet] = self
+        self._unet_ref = weakref.ref(unet)
         logger.debug("attached FeedFace adapter to %d U-ViT blocks (uncond_off=%s)", len(UVIT_BLOCK_NAMES), uncond_off)
         return FeedAdapterHandle(self)
 
@@ -450,16 +463,17 @@ class FeedAdapter(nn.Module):
         for hook in self._feed_hooks:
             hook.remove()
         self._feed_hooks.clear()
+        unet = self._unet_ref() if getattr(self, "_unet_ref", None) is not None else None
+        if unet is not None and _ATTACHED.get(unet) is self:
+            del _ATTACHED[unet]
         self._call_multiplier = None
         self.uncond_off = False
 
-    def _pre_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if "timestep_text" in kwargs:
-            timestep_text = kwargs["timestep_text"]
-        elif len(args) > 4:
-            timestep_text = args[4]
-        else:
-            raise ValueError("uncond_off needs the U-ViT call's timestep_text")
+    def _pre_call(self, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+        try:
+            timestep_text = signature.bind(*args, **kwargs).arguments["timestep_text"]
+        except (TypeError, KeyError):
+            raise ValueError("uncond_off needs the U-ViT call's timestep_text") from None
         self._call_multiplier = self.branch_multiplier(timestep_text)
 
     def _post_call(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -498,16 +512,6 @@ class FeedAdapter(nn.Module):
             raise ValueError(f"face tokens have batch {face.shape[0]}, the U-ViT call {img.shape[0]}")
         delta = self.blocks[index](img, face).to(img.dtype)
         return torch.cat([hidden_states[:, :-n], img + multiplier * delta], dim=1)
-
-
-class _Flag:
-    """A removable marker that a module carries adapter hooks."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("_feed_adapter_hooked", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,7 +570,7 @@ class SD15FeedAttnProcessor:
         return out + _batch_multiplier(multiplier, out) * delta
 
 
-class SD15FeedAdapter(nn.Module):
+class SD15FeedAdapter(ModelMixin, ConfigMixin):
     """A feed adapter for SD1.5-topology UNets (the paper's U-Net claim; no official weights).
 
     One :class:`FeedBlock` per cross-attention transformer block (16 in SD1.5, widths 320/640/1280), each with
@@ -583,25 +587,26 @@ class SD15FeedAdapter(nn.Module):
         face_dim (`int`, defaults to 768): face-token width.
         num_heads (`int`, defaults to 8): heads per feed block.
         vision_config (`Mapping`, *optional*): CLIP vision config overrides (tiny test models).
-        multiplier (`float`, defaults to 1.0): adapter strength.
+        site_names (`Sequence[str]`, *optional*): the sites' module paths (recorded when attached).
     """
 
+    @register_to_config
     def __init__(
         self,
-        site_widths: Sequence[int],
+        site_widths: list[int],
         face_dim: int = 768,
         num_heads: int = SD15_FEED_HEADS,
-        vision_config: Mapping[str, Any] | None = None,
-        multiplier: float = 1.0,
+        vision_config: dict[str, Any] | None = None,
+        site_names: list[str] | None = None,
     ):
         super().__init__()
         self.face_dim = face_dim
         self.num_heads = num_heads
         self.preprocess_module = FaceEncoder(face_dim, vision_config)
         self.blocks = nn.ModuleList([FeedBlock(int(c), num_heads, context_dim=face_dim) for c in site_widths])
-        self.multiplier: float | torch.Tensor = float(multiplier)
+        self.multiplier: float | torch.Tensor = 1.0
         self._face_tokens: torch.Tensor | None = None
-        self.site_names: list[str] = []
+        self.site_names: list[str] = list(site_names or [])
         self._unet: nn.Module | None = None
 
     @classmethod
@@ -657,6 +662,7 @@ class SD15FeedAdapter(nn.Module):
             processors[path] = SD15FeedAttnProcessor(self, index, host)
             block.attn2.set_processor(processors[path])
         self.site_names = list(sites)
+        self.register_to_config(site_names=self.site_names)
         object.__setattr__(self, "_unet", unet)  # a reference, not a submodule (keeps it out of state_dict)
         logger.debug("attached SD1.5 feed adapter at %d sites", len(processors))
         return processors
@@ -783,6 +789,25 @@ def preprocess_faces(crops: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
     return (x / 255.0 - FACE_MEAN) / FACE_STD
 
 
+FACE_MODES = ("cat", "mean")
+
+
+@torch.no_grad()
+def encode_face_crops(adapter: FeedAdapter | SD15FeedAdapter, crops: Sequence[np.ndarray], mode: str = "cat"):
+    """The face tokens of one generation from the release's 224 crops (computed once, read by every step and block).
+
+    ``"cat"`` concatenates the tokens of the first 5 photos (the release's default); ``"mean"`` averages the tokens
+    of all photos, which blends identities.
+    """
+    if mode not in FACE_MODES:
+        raise ValueError(f"face mode must be one of {', '.join(FACE_MODES)}, got {mode!r}")
+    if mode == "cat" and len(crops) > MAX_CAT_FACES:
+        logger.warning("FeedFace's cat mode uses the first %d photos; %d given", MAX_CAT_FACES, len(crops))
+    weight = adapter.preprocess_module.project_layer.weight
+    pixels = preprocess_faces(np.stack(crops)).to(weight.device, weight.dtype)
+    return adapter.encode_faces(pixels, mode=mode)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -873,8 +898,9 @@ def load_feed_adapter(
         raise ValueError(f"{what}: not a FeedFace adapter (no preprocess_module.project_layer.weight)") from None
     vision_config = _vision_config_from_state(state, clip_heads)
     with torch.device("meta"):  # no 3 GB random init: the checkpoint's tensors are moved in
-        adapter = FeedAdapter(dim, num_heads, vision_config=vision_config, multiplier=multiplier)
+        adapter = FeedAdapter(dim, num_heads, vision_config=vision_config)
     _load_strict(adapter, state, what)
+    adapter.set_multiplier(multiplier)
     _cast(adapter, dtype)
     logger.info("loaded FeedFace adapter: width %d, %d blocks", dim, len(adapter.blocks))
     return adapter.eval()
@@ -945,10 +971,15 @@ def load_sd15_feed_adapter(
     heads = num_heads or int(metadata.get("num_heads", SD15_FEED_HEADS))
     vision_config = _vision_config_from_state(state, clip_heads)
     with torch.device("meta"):
-        adapter = SD15FeedAdapter(widths, face_dim, heads, vision_config=vision_config, multiplier=multiplier)
+        adapter = SD15FeedAdapter(
+            widths,
+            face_dim,
+            heads,
+            vision_config=vision_config,
+            site_names=json.loads(metadata.get("site_names", "[]")),
+        )
     _load_strict(adapter, state, what)
+    adapter.set_multiplier(multiplier)
     _cast(adapter, dtype)
-    if "site_names" in metadata:
-        adapter.site_names = json.loads(metadata["site_names"])
     logger.info("loaded SD1.5 feed adapter: %d sites, face width %d", len(widths), face_dim)
     return adapter.eval()

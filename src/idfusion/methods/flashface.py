@@ -1,14 +1,16 @@
 """FlashFace (Zhang et al., arXiv 2403.17008): identity from reference feature maps through reference attention.
 
-Two releases, one set of pieces; :class:`FlashFaceVariant` holds every difference between them:
+Two releases, one set of pieces; :class:`FlashFaceRelease` holds every difference between them:
 
 - **official** (``ali-vilab/FlashFace``, ``shilongz/FlashFace-SD1.5``): a fully fine-tuned SD1.5 UNet with a 5th
-  input channel (face-position mask) and a separate reference attention ``attn_ref`` (the checkpoint's
-  ``self_attn.self_attn_first``) in the 10 transformer blocks of the mid block and decoder, plus a ReferenceNet (a
-  UNet copy) run on the clean reference latents at the current timestep, every step, with the negative prompt as its
-  text. Block update, with ``y = norm1(x)`` and ``R`` the ReferenceNet's ``norm1`` outputs of the same block::
+  input channel (face-position mask) and a separate reference attention (the checkpoint's
+  ``self_attn.self_attn_first``; here :class:`FlashFaceReferenceAttention`, a pipeline component) in the 10
+  transformer blocks of the mid block and decoder, plus a ReferenceNet (a UNet copy) run on the clean reference
+  latents at the current timestep, every step, with the negative prompt as its text. Block update, with
+  ``y = norm1(x)``, ``ref`` the block's reference attention and ``R`` the ReferenceNet's ``norm1`` outputs of the
+  same block::
 
-      x <- x + attn1(y) + lam * attn_ref(y, [y; R]) + (1 - lam) * attn_ref(y, y)
+      x <- x + attn1(y) + lam * ref(y, [y; R]) + (1 - lam) * ref(y, y)
 
 - **open** (``IntellectGen/flashface``): plain 4-channel SD1.5 UNets; the reference attention *is* ``attn1``
   (``x <- x + s * attn1(y, [y; R]) + (1 - s) * attn1(y, y)``, ``s`` clipped to [0, 1]), the ReferenceNet runs once
@@ -16,7 +18,8 @@ Two releases, one set of pieces; :class:`FlashFaceVariant` holds every differenc
 
 The official ReferenceNet has no time embedding, mid block or head of its own: it runs the main UNet's (its
 ``ref_middle`` weights are stored but never executed). Loading copies those main weights into the ReferenceNet, so
-both networks are plain diffusers ``UNet2DConditionModel``s at run time.
+both networks are plain diffusers ``UNet2DConditionModel``s at run time. Identity enters only through attention
+processors (:func:`attach_reference_processors`); the UNets' own modules are never changed.
 """
 
 from __future__ import annotations
@@ -26,20 +29,24 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 __all__ = [
     "REFERENCE_BLOCKS",
-    "FlashFaceVariant",
+    "FlashFaceRelease",
     "OFFICIAL",
     "OPEN",
+    "RELEASES",
+    "FlashFaceReferenceAttention",
     "ReferenceBank",
     "ReferenceWriteProcessor",
     "ReferenceReadProcessor",
     "reference_blocks",
-    "add_reference_attention",
     "build_flashface_models",
     "attach_reference_processors",
+    "reference_multiplicities",
     "face_position_mask",
     "forward_with_shared_down_path",
     "flashface_guidance",
@@ -53,17 +60,18 @@ REFERENCE_BLOCKS = ("mid_block.attentions.0.transformer_blocks.0",) + tuple(
 
 
 @dataclass(frozen=True)
-class FlashFaceVariant:
+class FlashFaceRelease:
     """Everything that differs between the official release and the open re-implementation."""
 
     name: str
     in_channels: int  # main UNet input: 4 latent channels (+1 face-position mask, official)
-    separate_reference_attention: bool  # official: attn_ref next to attn1; open: attn1 itself
+    separate_reference_attention: bool  # official: its own attention next to attn1; open: attn1 itself
     references_every_step: bool  # official: ReferenceNet at the current t every step; open: once at t = 0
     refnet_context: str  # "negative" (official) or "positive" (open)
     reference_size: int  # pixels of a reference image
     reference_latents: str  # "mean" (official, deterministic) or "sample" (open)
     clip_skip: int  # 0: last layer (official); 1: penultimate + final LayerNorm (open)
+    num_references: int | None  # references are padded to this many (official 4, ``cfg.num_pairs``); None: as given
     # sampling defaults
     height: int
     num_inference_steps: int
@@ -72,7 +80,7 @@ class FlashFaceVariant:
     scheduler_config: dict = field(default_factory=dict)
 
 
-OFFICIAL = FlashFaceVariant(
+OFFICIAL = FlashFaceRelease(
     name="flashface",
     in_channels=5,
     separate_reference_attention=True,
@@ -81,13 +89,14 @@ OFFICIAL = FlashFaceVariant(
     reference_size=224,
     reference_latents="mean",
     clip_skip=0,
+    num_references=4,
     height=768,
     num_inference_steps=35,
     guidance_scale=7.5,
     reference_strength=1.2,
     scheduler_config={"timestep_spacing": "trailing", "steps_offset": 0},
 )
-OPEN = FlashFaceVariant(
+OPEN = FlashFaceRelease(
     name="open-flashface",
     in_channels=4,
     separate_reference_attention=False,
@@ -96,12 +105,14 @@ OPEN = FlashFaceVariant(
     reference_size=256,
     reference_latents="sample",
     clip_skip=1,
+    num_references=None,
     height=512,
     num_inference_steps=50,
     guidance_scale=3.0,
     reference_strength=0.85,
     scheduler_config={"timestep_spacing": "leading", "steps_offset": 19},  # t = 999, 979, ..., 19
 )
+RELEASES = {OFFICIAL.name: OFFICIAL, OPEN.name: OPEN}
 
 
 def reference_blocks(unet: nn.Module) -> dict[str, nn.Module]:
@@ -113,47 +124,99 @@ def reference_blocks(unet: nn.Module) -> dict[str, nn.Module]:
     return {path: modules[path] for path in REFERENCE_BLOCKS}
 
 
-def add_reference_attention(unet: nn.Module) -> None:
-    """Give each reference block an ``attn_ref``: a copy of its ``attn1`` (the official initialisation), so its
-    state-dict keys are ``<block>.attn_ref.{to_q,to_k,to_v,to_out.0}.*``."""
-    import copy
+class FlashFaceReferenceAttention(ModelMixin, ConfigMixin):
+    """The official release's reference attentions, one per :data:`REFERENCE_BLOCKS` entry (same order).
 
-    for block in reference_blocks(unet).values():
-        if not hasattr(block, "attn_ref"):
-            block.attn_ref = copy.deepcopy(block.attn1)
+    Each is an ``Attention`` shaped like its block's ``attn1`` (the official initialisation is a copy of it); the
+    checkpoint stores them as ``self_attn.self_attn_first``. Kept apart from the UNet, so the UNet stays a plain
+    diffusers model and this component saves and loads with the pipeline.
+
+    Args:
+        query_dims: each block's width.
+        heads: each block's number of heads.
+    """
+
+    @register_to_config
+    def __init__(self, query_dims: Sequence[int], heads: Sequence[int]):
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        if len(query_dims) != len(REFERENCE_BLOCKS) or len(heads) != len(REFERENCE_BLOCKS):
+            raise ValueError(f"expected {len(REFERENCE_BLOCKS)} widths and head counts, got {query_dims}, {heads}")
+        self.attentions = nn.ModuleList(
+            Attention(query_dim=d, heads=h, dim_head=d // h, bias=False, out_bias=True)
+            for d, h in zip(query_dims, heads, strict=True)
+        )
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module) -> FlashFaceReferenceAttention:
+        """Copies of ``unet``'s reference blocks' ``attn1`` (how the release initialised them for training)."""
+        blocks = list(reference_blocks(unet).values())
+        model = cls([b.attn1.to_q.in_features for b in blocks], [b.attn1.heads for b in blocks])
+        for attention, block in zip(model.attentions, blocks, strict=True):
+            attention.load_state_dict(block.attn1.state_dict())
+        return model.to(device=unet.device, dtype=unet.dtype)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - the processors call the attentions' projections
+        raise RuntimeError("FlashFaceReferenceAttention is read by FlashFace's attention processors, not called")
 
 
-def build_flashface_models(unet_config: dict, variant: FlashFaceVariant) -> tuple[nn.Module, nn.Module]:
-    """The main UNet (``variant.in_channels`` inputs, plus ``attn_ref`` in the official variant) and the ReferenceNet
-    (4 input channels) from one SD1.5-topology UNet config. Works under ``torch.device("meta")``."""
+def build_flashface_models(
+    unet_config: dict, release: FlashFaceRelease
+) -> tuple[nn.Module, nn.Module, FlashFaceReferenceAttention | None]:
+    """The main UNet (``release.in_channels`` inputs), the ReferenceNet (4 inputs) and, for the official release,
+    the reference attention, from one SD1.5-topology UNet config. Works under ``torch.device("meta")``."""
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
-    main = UNet2DConditionModel.from_config({**config, "in_channels": variant.in_channels})
-    if variant.separate_reference_attention:
-        add_reference_attention(main)
+    main = UNet2DConditionModel.from_config({**config, "in_channels": release.in_channels})
     refnet = UNet2DConditionModel.from_config({**config, "in_channels": 4})
-    return main, refnet
+    reference = FlashFaceReferenceAttention.from_unet(main) if release.separate_reference_attention else None
+    return main, refnet, reference
 
 
 class ReferenceBank:
-    """The reference tokens of one generation and the per-sample reference strengths.
+    """The reference tokens of one generation and how each sample of the main batch reads them.
 
     Attributes:
-        tokens: block path -> ``(n_refs, L_ref, C)`` ReferenceNet ``norm1`` outputs (empty: no references).
-        strength: ``(B,)`` reference strength ``lam`` per sample of the main UNet's batch.
-        weights: ``(n_refs,)`` blend weights, or ``None``; a reference's attention logits get ``log(w)``.
+        tokens: block path -> ``(G * n, L_ref, C)`` ReferenceNet ``norm1`` outputs: ``n`` references for each of
+            ``G`` groups (``G = 1``: every image reads the same references; ``G = N``: image ``i`` reads group
+            ``i``). Empty: no references.
+        num_groups: ``G``.
+        num_images: ``N``, the images of the batch; row ``r`` of a UNet call is image ``r % N`` (branch-major).
+        strength: ``(rows,)`` reference strength ``lam`` per row of the main UNet's batch.
+        log_weights: ``(1 or N, n)`` logit bias per reference (blend weights, padding multiplicities), or ``None``.
         writing: the ReferenceNet pass is running (processors store instead of read).
     """
 
     def __init__(self) -> None:
         self.tokens: dict[str, torch.Tensor] = {}
+        self.num_groups = 1
+        self.num_images = 1
         self.strength: torch.Tensor | None = None
-        self.weights: torch.Tensor | None = None
+        self.log_weights: torch.Tensor | None = None
         self.writing = False
 
     def clear(self) -> None:
         self.tokens.clear()
+        self.strength = None
+        self.log_weights = None
+
+
+def reference_multiplicities(count: int, target: int | None, seed: int) -> torch.Tensor:
+    """How many times each of ``count`` references appears once padded to ``target`` with seeded random
+    duplicates (the official ``num_pairs = 4``; ``None``: no padding): ``(count,)`` integers.
+
+    Attention over duplicated keys equals attention with the logit bias ``log(multiplicity)``, so a padded set is run
+    as its distinct references plus that bias: per image, without running the ReferenceNet on the duplicates.
+    """
+    import numpy as np
+
+    counts = torch.ones(count)
+    if target is not None and count < target:
+        picks = np.random.default_rng(seed).choice(count, target - count)
+        counts += torch.bincount(torch.as_tensor(picks), minlength=count).float()
+    return counts
 
 
 def _attention(
@@ -213,11 +276,12 @@ def _attention_with_lse(q, k, v, bias=None):
 class ReferenceReadProcessor:
     """On the main UNet's reference blocks (``attn1``): self-attention plus the reference update.
 
-    ``out = [attn1(y)] + lam * ref(y, [y; R]) + (1 - lam) * ref(y, y)``, per sample, where ``ref`` is ``attn_ref``
-    (official) or ``attn1`` itself (open, without the bracketed term). The result is computed with less work:
+    ``out = [attn1(y)] + lam * ref(y, [y; R]) + (1 - lam) * ref(y, y)``, per sample, where ``ref`` is the block's
+    reference attention (official) or ``attn1`` itself (open, without the bracketed term). The result is computed
+    with less work:
 
     - samples with ``lam = 0`` skip the ``[y; R]`` attention;
-    - the references' keys and values are projected once for all samples;
+    - the references' keys and values are projected once per group for all samples;
     - ``ref(y, [y; R])`` is the log-sum-exp-weighted mix of ``ref(y, y)`` and ``ref(y, R)``, so with ``O_y`` and
       ``O_R`` the update is ``O_y + lam * (1 - w) * (O_R - O_y)``, ``w = sigmoid(lse_y - lse_R)``: the costly
       attention over ``L + n*L_ref`` keys and the one over ``L`` keys become one over ``L`` and one over ``n*L_ref``.
@@ -226,19 +290,20 @@ class ReferenceReadProcessor:
 
     def __init__(self, bank: ReferenceBank, key: str, reference_attention: nn.Module | None):
         self.bank, self.key = bank, key
-        # Not a registered submodule: it is the block's own attn_ref, already in the state dict there.
+        # Not a registered submodule: it belongs to the pipeline's reference_attention component.
         self.reference_attention = reference_attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         y = hidden_states
         batch, length, _ = y.shape
-        if self.bank.writing:  # a UNet used as its own ReferenceNet (open variant shares nothing; safe either way)
-            self.bank.tokens[self.key] = y
+        bank = self.bank
+        if bank.writing:  # a UNet used as its own ReferenceNet (open variant shares nothing; safe either way)
+            bank.tokens[self.key] = y
             return _attention(attn, y, y)
         ref = self.reference_attention if self.reference_attention is not None else attn
         out = _attention(attn, y, y) if self.reference_attention is not None else None
-        tokens = self.bank.tokens.get(self.key)
-        strength = self.bank.strength if self.bank.strength is not None else torch.zeros(batch)
+        tokens = bank.tokens.get(self.key)
+        strength = bank.strength if bank.strength is not None else torch.zeros(batch)
         if self.reference_attention is None:
             strength = strength.clamp(0.0, 1.0)  # open: s >= 1 means "full reference"
         if tokens is None:
@@ -246,20 +311,26 @@ class ReferenceReadProcessor:
         lam = strength.to(device=y.device, dtype=torch.float32).view(batch, 1, 1, 1)
 
         q, k, v = (_heads(ref, y, proj) for proj in (ref.to_q, ref.to_k, ref.to_v))  # (B, heads, L, head_dim)
-        with_ref = bool((strength != 0).any())
-        if not with_ref:
+        if not bool((strength != 0).any()):
             heads = F.scaled_dot_product_attention(q, k, v)
         else:
-            n_refs, ref_length, channels = tokens.shape
-            # (n, L_ref, C) -> (1, n*L_ref, C): every sample attends to all references; projected once, broadcast
-            memory = tokens.reshape(1, n_refs * ref_length, channels).to(y.dtype)
-            k_ref = _heads(ref, memory, ref.to_k).expand(batch, -1, -1, -1)
-            v_ref = _heads(ref, memory, ref.to_v).expand(batch, -1, -1, -1)
+            groups = bank.num_groups
+            total, ref_length, channels = tokens.shape
+            n_refs = total // groups
+            # (G*n, L_ref, C) -> (G, n*L_ref, C): an image attends to all references of its group
+            memory = tokens.reshape(groups, n_refs * ref_length, channels).to(y.dtype)
+            k_ref, v_ref = _heads(ref, memory, ref.to_k), _heads(ref, memory, ref.to_v)  # (G, heads, n*L_ref, d)
+            image = torch.arange(batch, device=y.device) % bank.num_images  # branch-major rows
+            if groups == 1:
+                k_ref, v_ref = k_ref.expand(batch, -1, -1, -1), v_ref.expand(batch, -1, -1, -1)
+            else:
+                k_ref, v_ref = k_ref[image], v_ref[image]
             bias = None
-            if self.bank.weights is not None:
-                # log-weights on each reference's tokens: attention mass shifts smoothly between identities
-                log_w = self.bank.weights.to(device=y.device, dtype=y.dtype).clamp_min(1e-12).log()
-                bias = log_w.repeat_interleave(ref_length).view(1, 1, 1, -1)  # broadcast over (B, heads, L, n*L_ref)
+            if bank.log_weights is not None:
+                # log-weights on each reference's tokens: attention mass shifts smoothly between references
+                log_w = bank.log_weights.to(device=y.device, dtype=y.dtype)
+                log_w = log_w[image % log_w.shape[0]]  # (1 or N, n) -> (B, n)
+                bias = log_w.repeat_interleave(ref_length, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, n*L_ref)
             own = _attention_with_lse(q, k, v)
             other = _attention_with_lse(q, k_ref, v_ref, bias) if own is not None else None
             if other is not None:
@@ -268,7 +339,7 @@ class ReferenceReadProcessor:
                 heads = o_y.float() + lam * (1 - weight) * (o_r.float() - o_y.float())
             else:
                 o_y = F.scaled_dot_product_attention(q, k, v)
-                full_bias = None if bias is None else torch.cat([y.new_zeros(1, 1, 1, length), bias], dim=-1)
+                full_bias = None if bias is None else torch.cat([y.new_zeros(batch, 1, 1, length), bias], dim=-1)
                 o_full = F.scaled_dot_product_attention(
                     q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2), attn_mask=full_bias
                 )
@@ -279,12 +350,18 @@ class ReferenceReadProcessor:
         return reference if out is None else out + reference
 
 
-def attach_reference_processors(unet: nn.Module, refnet: nn.Module, bank: ReferenceBank, variant: FlashFaceVariant):
-    """Write processors on the ReferenceNet's reference blocks, read processors on the main UNet's."""
+def attach_reference_processors(
+    unet: nn.Module,
+    refnet: nn.Module,
+    bank: ReferenceBank,
+    reference_attention: FlashFaceReferenceAttention | None,
+) -> None:
+    """Write processors on the ReferenceNet's reference blocks, read processors on the main UNet's (reading
+    ``reference_attention``'s attentions for the official release, ``attn1`` itself for the open one)."""
     for path, block in reference_blocks(refnet).items():
         block.attn1.set_processor(ReferenceWriteProcessor(bank, path))
-    for path, block in reference_blocks(unet).items():
-        partner = block.attn_ref if variant.separate_reference_attention else None
+    partners = list(reference_attention.attentions) if reference_attention is not None else [None] * 10
+    for (path, block), partner in zip(reference_blocks(unet).items(), partners, strict=True):
         block.attn1.set_processor(ReferenceReadProcessor(bank, path, partner))
 
 

@@ -10,19 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ..hub import resolve_model_folder
 from ..images import ImageInput
-from ..layers import encode_arcface_id_prompt, encode_text
+from ..loras import DEFAULT_LCM_LORA, activate_loras
 from ..methods import adaface
-from .common import (
-    FaceInput,
-    IdentityPipelineOutput,
-    IdentitySD15Mixin,
-    make_scheduler,
-)
+from ..outputs import encode_array
+from ..prompt_encoders import encode_arcface_id_prompt, encode_text
+from .core import FaceAnalysisNeeds, FaceInput, IdentityPipeline, IdentityPipelineOutput
+from .scheduling import make_scheduler
+from .sd15_sampling import sample_sd15
 
 __all__ = ["AdaFacePipeline", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT"]
 
@@ -44,6 +42,7 @@ BASE_REQUIRED_FILES = (
     "scheduler/scheduler_config.json",
 )
 # The wrapper's default negative prompt (PuLID-derived).
+DEFAULT_PROMPT = "a photo of z"
 DEFAULT_NEGATIVE_PROMPT = (
     "flaws in the eyes, flaws in the face, lowres, non-HDRi, low quality, worst quality, artifacts, noise, text, "
     "watermark, glitch, mutated, ugly, disfigured, hands, partially rendered objects, partially rendered eyes, "
@@ -51,7 +50,8 @@ DEFAULT_NEGATIVE_PROMPT = (
     "deformed, bad proportions, nude, naked, nsfw, topless, bare breasts"
 )
 # The v2 app: DDIM (leading spacing, offset 1, from SD1.5's config), 50 steps, guidance 5.0.
-DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0, "scheduler": "ddim"}
+SCHEDULER = "ddim"
+DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0}
 LCM_DEFAULTS = {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "lcm"}
 
 
@@ -72,7 +72,7 @@ def _find_checkpoint(folder: Path, checkpoint: str | os.PathLike | None) -> Path
     return candidates[-1]
 
 
-class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
     """AdaFace generation on any SD1.5-family base model.
 
     Components: the base model's ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``, and
@@ -80,8 +80,12 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
     :attr:`adaface`, read from the official checkpoint.
     """
 
+    method = "adaface"
+    face_analysis = FaceAnalysisNeeds(recognizer="onnx")
+    default_settings = DEFAULTS
     model_cpu_offload_seq = "id_encoder->text_encoder->unet->vae"
     _optional_components = ["controlnet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     id_embedding_dim = 512
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, id_encoder, controlnet=None):
@@ -91,8 +95,6 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
             id_encoder=id_encoder, controlnet=controlnet,
         )  # fmt: skip
         self.adaface: adaface.AdaFaceCheckpoint | None = None
-        self.model_info = {"method": "adaface"}
-        self._base_scheduler_config = dict(scheduler.config)
 
     @classmethod
     def from_pretrained(
@@ -125,9 +127,9 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
         dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         local = Path(pretrained_model_name_or_path).expanduser()
         if (local / "model_index.json").is_file():  # saved by save_pretrained
-            pipe = super().from_pretrained(local, **dtype, **kwargs)
+            pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **kwargs)
             pipe.adaface = adaface.load_adaface_checkpoint(_find_checkpoint(local, checkpoint), dtype=torch_dtype)
-            pipe.model_info = {"method": "adaface", "model": str(pretrained_model_name_or_path)}
+            pipe.model_info = {"model": str(pretrained_model_name_or_path)}
             pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
             return pipe
 
@@ -158,7 +160,7 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
             base_folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **dtype
         )
         id_encoder = CLIPTextModel.from_pretrained(folder / ENCODER_FOLDER, **dtype)
-        scheduler = make_scheduler("ddim", base.scheduler.config)
+        scheduler = make_scheduler(SCHEDULER, base.scheduler.config)
         pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, id_encoder)
         pipe.adaface = adaface.load_adaface_checkpoint(checkpoint_path, dtype=torch_dtype)
         width = base.text_encoder.get_input_embeddings().embedding_dim
@@ -169,7 +171,6 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
                 "embeddings; AdaFace needs an SD1.5-family base model"
             )
         pipe.model_info = {
-            "method": "adaface",
             "model": str(pretrained_model_name_or_path),
             "base_model": str(base_model),
             "adaface_version": pipe.adaface.version,
@@ -239,17 +240,23 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
             )
         return composed
 
+    def encode_identity(self, faces: Sequence[FaceInput] | FaceInput) -> dict:
+        return {"id_embeds": self.prepare_id_embeds(faces)[0]}
+
     @torch.no_grad()
     def __call__(
         self,
         faces: Sequence[FaceInput] | FaceInput | None = None,
         *,
         id_embeds: torch.Tensor | np.ndarray | None = None,
-        prompt: str = "a photo of z",
+        prompt: str | None = None,
         negative_prompt: str | None = None,
         id_scale: float = 1.0,
+        style=None,
+        style_weight: float | None = None,
         num_images_per_prompt: int = 1,
         seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         scheduler: str | None = None,
@@ -262,50 +269,73 @@ class AdaFacePipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraL
         loras: Sequence[tuple[str, float]] = (),
         output_type: str = "pil",
         callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> IdentityPipelineOutput:
         """Generate images of the person in ``faces`` following ``prompt``.
 
         Args:
             faces: photo(s) of one person, or :class:`~idfusion.faces.Face` records with 512-d ArcFace embeddings.
             id_embeds: ``(N, 512)`` or ``(512,)`` ArcFace embeddings instead of ``faces``.
-            prompt: any text; the subject is ``z`` (``"a photo of z"``). The subject tokens are appended (v2) or
-                put in place of ``z`` (v1).
+            prompt: any text; the subject is ``z`` (default ``"a photo of z"``). The subject tokens are appended (v2)
+                or put in place of ``z`` (v1).
             negative_prompt: default the release's (PuLID-derived) list.
             id_scale: AdaFace's ID-CFG scale ``s``: ``s * X_ada + (1 - s) * PAD``; 1 (default) leaves the
                 identity as the projector made it, above 1 strengthens it.
-            num_inference_steps, guidance_scale, scheduler: default 50, 5.0, ``"ddim"`` (the v2 app).
+            style, style_weight: a portrait style (:mod:`idfusion.styles`): its prompt template, filled with
+                ``prompt`` (default subject ``z``), and its LoRA.
+            num_inference_steps, guidance_scale: default 50, 5.0 (the v2 app); ``pipe.scheduler`` is DDIM.
             lcm: LCM-LoRA sampling (4 steps, guidance 1.0, as the AdaFace wrapper's ``use_lcm``).
-            controlnet_image, loras, height, width, seed, output_type: as in the other pipelines.
+            controlnet_image, loras, height, width, seed, generator, output_type, callback_on_step_end: as in the
+                other pipelines.
         """
         # 1. Check inputs and fill method defaults
         if self.adaface is None:
             raise RuntimeError("no AdaFace checkpoint loaded; use AdaFacePipeline.from_pretrained")
-        settings = self.sampling_settings(
-            LCM_DEFAULTS if lcm else DEFAULTS,
+        settings = self.prepare_settings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            height=height, width=width, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+            defaults=LCM_DEFAULTS if lcm else None, output_type=output_type,
         )  # fmt: skip
+        self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if not np.isfinite(id_scale):
             raise ValueError(f"id_scale must be a finite number, got {id_scale}")
+        loras = list(loras)
+        text, styled = prompt if prompt is not None else DEFAULT_PROMPT, {}
+        if style is not None:
+            from ..styles import apply_style
+
+            applied = apply_style(style, prompt, negative_prompt, style_weight=style_weight, subject="z")
+            text, negative_prompt, styled = applied.prompt, applied.negative_prompt, applied.metadata
+            loras = ([applied.lora] if applied.lora else []) + loras
+        elif style_weight is not None:
+            raise ValueError("style_weight needs a style")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
         # 2. One identity, then its ada embeddings in the base text encoder's token table
         identity, references = self.prepare_id_embeds(faces, id_embeds)
         ada = self.ada_embeddings(identity.to(self.id_encoder.device), id_scale)
         tokens = self.install_subject_tokens(ada)
-        composed = self.compose_prompt(prompt, tokens)
+        composed = self.compose_prompt(text, tokens)
 
         # 3. LoRAs first (their text-encoder parts apply to this call's prompts), then encode with the base model's
         #    own text encoder
-        lora_meta = self.activate_adapters(lcm, loras, lcm_lora)
+        lora_meta = activate_loras(self, loras, lcm=lcm, lcm_lora=lcm_lora)
+        if styled.get("style_weight") is not None:
+            lora_meta = lora_meta[1:]  # the style brings its own LoRA back on replay: not recorded twice
         prompt_embeds = encode_text(self.text_encoder, self.tokenizer, [composed])
         negative = encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
 
         # 4. Sample, and record what it takes to make each image again
-        return self.sample(
-            prompt_embeds, negative, identity, references, settings,
-            lcm=lcm, lcm_lora=lcm_lora, lora_meta=lora_meta, controlnet_image=controlnet_image,
+        images = sample_sd15(
+            self, prompt_embeds, negative, settings, controlnet_image=controlnet_image,
             controlnet_conditioning_scale=controlnet_conditioning_scale, output_type=output_type,
             callback_on_step_end=callback_on_step_end,
-            prompt=prompt, composed_prompt=composed, negative_prompt=negative_prompt, id_scale=id_scale,
+            callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs),
+        )  # fmt: skip
+        return self.result(
+            images, settings, references, **styled, prompt=prompt, composed_prompt=composed,
+            negative_prompt=negative_prompt, id_scale=id_scale, lcm=lcm or None,
+            lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None, loras=lora_meta or None,
+            controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
+            id_embeds=encode_array(identity[0].float().cpu().numpy()),
         )  # fmt: skip

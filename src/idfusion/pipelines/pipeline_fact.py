@@ -4,7 +4,7 @@ Identity enters through the FACT face adapter (:mod:`idfusion.methods.fact`): th
 resampled to 16 face tokens each and appended to the 77 text tokens; the adapters at the UNet's 16 cross-attention
 sites read them, the text path and an optional OpenPose ControlNet do not. Styles (a prompt template and an
 optional style LoRA, :mod:`idfusion.styles`), pose control and inpainting (used by the fixed-template flow,
-:mod:`idfusion.pipelines.template`) are options of the one ``__call__``.
+:mod:`idfusion.flows.template`) are options of the one ``__call__``.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ..errors import ModelFilesError
-from ..faces import Face
 from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
-from ..layers import encode_text
+from ..loras import activate_loras
 from ..methods import fact
-from .common import (
+from ..prompt_encoders import encode_text
+from .core import (
+    FaceAnalysisNeeds,
     FaceInput,
     IdentityInputError,
+    IdentityPipeline,
     IdentityPipelineOutput,
-    IdentitySD15Mixin,
-    InpaintInput,
     check_one_identity,
 )
+from .sd15_sampling import InpaintInput, sample_sd15
 
 __all__ = ["FactPipeline", "FaceTokens", "MODEL_ID", "POSE_CONTROLNET"]
 
@@ -88,32 +88,38 @@ def _subfolder(folder: Path, *names: str) -> Path | None:
     return next((folder / n for n in names if (folder / n).is_dir()), None)
 
 
-class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """FaceChain-FACT generation: an SD1.5-family base whose UNet carries the FACT face adapters.
+class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
+    """FaceChain-FACT generation: an SD1.5-family base whose UNet reads the FACT face adapter.
 
-    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (adapters attached), ``scheduler`` and an
-    optional OpenPose ``controlnet``; plus :attr:`face_encoder` (TransFace ViT-S) and :attr:`resampler`, which
-    are not diffusers components and follow the UNet's device and dtype.
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler`` (PNDM, the release's), and the
+    optional ``face_encoder`` (TransFace ViT-S), ``face_adapter`` (:class:`~idfusion.methods.fact.FactFaceAdapter`:
+    resampler + 16 sites) and OpenPose ``controlnet``. The adapter loads, scales and unloads as diffusers' IP-Adapter
+    does (:meth:`load_face_adapter`, :meth:`set_face_adapter_scale`, :meth:`unload_face_adapter`); without it the
+    pipeline is its base model.
     """
 
+    method = "fact"
+    face_analysis = FaceAnalysisNeeds(dense_landmarks=True)
+    default_settings = {k: fact.DEFAULTS[k] for k in ("num_inference_steps", "guidance_scale")}
+    template_defaults = {"prompt": fact.TEMPLATE_PROMPT}
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["controlnet"]
-    id_embedding_dim = None
+    _optional_components = ["face_encoder", "face_adapter", "controlnet"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet=None):
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, scheduler, face_encoder=None, face_adapter=None, controlnet=None
+    ):
         super().__init__()
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            controlnet=controlnet,
+            face_encoder=face_encoder, face_adapter=None, controlnet=None,
         )  # fmt: skip
-        self.model_info = {"method": "fact"}
-        self._base_scheduler_config = dict(scheduler.config)
-        self.face_encoder: fact.TransFaceViT | None = None
-        self.resampler: fact.FaceResampler | None = None
-        self.pose_model_dir: Path | None = None
-        self._pose_estimator = None
+        self._adapter_handle = None
+        self.pose_preprocessor = None
+        if face_adapter is not None:
+            self.set_face_adapter(face_adapter)
         if controlnet is not None:
-            fact.attach_text_only_processors(controlnet)
+            self.set_pose_controlnet(controlnet)
 
     @classmethod
     def from_pretrained(
@@ -129,7 +135,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         local_files_only: bool | None = None,
         **kwargs,
     ) -> FactPipeline:
-        """Load the FACT release on an SD1.5-family base model.
+        """Load the FACT release on an SD1.5-family base model, or a folder saved by :meth:`save_pretrained`.
 
         Args:
             pretrained_model_name_or_path: a folder with the files of ModelScope ``yucheng1996/FaceChain-FACT``
@@ -148,6 +154,17 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             local_files_only: never contact the Hub (also implied by ``HF_HUB_OFFLINE=1``).
         """
         from diffusers import ControlNetModel, StableDiffusionPipeline
+
+        from ..pose import PosePreprocessor
+
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        local = Path(pretrained_model_name_or_path).expanduser()
+        if (local / "model_index.json").is_file():  # saved by save_pretrained
+            pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **kwargs)
+            pipe.model_info = {"model": str(pretrained_model_name_or_path)}
+            pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
+            pipe.pose_preprocessor = PosePreprocessor(pose_model_dir)
+            return pipe
 
         adapter_file = None
         if str(adapter) in fact.ADAPTER_FILES:
@@ -185,7 +202,6 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             allow_patterns=["*.json", "*.txt", "unet/*", "text_encoder/*", "vae/*"],
             local_files_only=local_files_only,
         )  # fmt: skip
-        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         base = StableDiffusionPipeline.from_pretrained(
             base_folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **dtype
         )
@@ -199,17 +215,11 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             )  # fmt: skip
             control = ControlNetModel.from_pretrained(control_folder, **dtype)
 
-        pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, controlnet=control)
-        pipe.resampler, _ = fact.load_fact_adapter(adapter_file, pipe.unet)
-        pipe.face_encoder = fact.load_transface(folder / fact.TRANSFACE_FILE)
-        if pipe.resampler.proj_out.out_features != base.text_encoder.config.hidden_size:
-            raise ValueError(
-                f"{base_model}: its text encoder is {base.text_encoder.config.hidden_size} wide, but the FACT "
-                f"adapter makes {pipe.resampler.proj_out.out_features}-wide face tokens; FACT needs an SD1.5 base"
-            )
-        pipe._place_face_modules()
+        face_encoder = fact.load_transface(folder / fact.TRANSFACE_FILE)
+        pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, face_encoder=face_encoder,
+                   controlnet=control)  # fmt: skip
+        pipe.load_face_adapter(adapter_file)
         pipe.model_info = {
-            "method": "fact",
             "model": str(pretrained_model_name_or_path),
             "adapter": adapter_name,
             "base_model": str(base_model),
@@ -219,22 +229,39 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             pipe.model_info["controlnet"] = str(controlnet)
         faces = _subfolder(folder, "antelopev2")
         pipe.face_model_dir = Path(face_model_dir) if face_model_dir else faces
-        poses = _subfolder(folder, "dwpose")
-        pipe.pose_model_dir = Path(pose_model_dir) if pose_model_dir else poses
+        pipe.pose_preprocessor = PosePreprocessor(pose_model_dir or _subfolder(folder, "dwpose"))
         return pipe
 
-    # ---- devices ---------------------------------------------------------------------------------------------
+    # ---- the face adapter: load / set scale / unload ---------------------------------------------------------
 
-    def _place_face_modules(self) -> None:
-        for module in (self.face_encoder, self.resampler):
-            if module is not None:
-                module.to(device=self._execution_device, dtype=self.unet.dtype)
+    def set_face_adapter(self, adapter: fact.FactFaceAdapter) -> None:
+        """Use ``adapter`` (a :class:`~idfusion.methods.fact.FactFaceAdapter` for this UNet) from now on."""
+        self.unload_face_adapter()
+        width = self.text_encoder.config.hidden_size
+        if adapter.config.cross_attention_dim != width:
+            raise ValueError(
+                f"the FACT adapter makes {adapter.config.cross_attention_dim}-wide face tokens, but the base model's "
+                f"text encoder is {width} wide; FACT needs an SD1.5 base"
+            )
+        adapter = adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+        self._adapter_handle = fact.attach_face_adapter(self.unet, adapter)
+        self.register_modules(face_adapter=adapter)
 
-    def to(self, *args, **kwargs):
-        """Move the pipeline; TransFace and the resampler follow the UNet's device and dtype."""
-        result = super().to(*args, **kwargs)
-        self._place_face_modules()
-        return result
+    def load_face_adapter(self, path: str | os.PathLike) -> fact.FactFaceAdapter:
+        """Load an official adapter checkpoint (``adapter_*_00290001.ckpt``) for this pipeline's UNet."""
+        self.set_face_adapter(fact.load_fact_adapter(path, self.unet))
+        return self.face_adapter
+
+    def set_face_adapter_scale(self, scale: float) -> None:
+        """The adapter scale ``s`` (0 = the base model; the release uses 0.5, 0.55 when inpainting)."""
+        fact.set_face_adapter_scale(self.unet, scale)
+
+    def unload_face_adapter(self) -> None:
+        """Detach the adapter: the UNet is its base model again, bit for bit."""
+        if self._adapter_handle is not None:
+            self._adapter_handle.remove()
+            self._adapter_handle = None
+        self.register_modules(face_adapter=None)
 
     # ---- faces -----------------------------------------------------------------------------------------------
 
@@ -242,7 +269,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         """The head-masked 112x112 aligned crop of the largest face of each photo (spec §2.1)."""
         from ..faces.masks import head_mask
 
-        found = self.photo_faces(faces, dense_landmarks=True)
+        found = self.photo_faces(faces)
         return [fact.face_crop(image, face.landmarks, head_mask(face, image.shape[:2])) for image, face in found]
 
     @torch.no_grad()
@@ -256,32 +283,28 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             faces = [faces]
         if not faces:
             raise IdentityInputError("faces is empty: give at least one face photo")
-        if self.face_encoder is None or self.resampler is None:
+        if self.face_encoder is None or self.face_adapter is None:
             raise ModelFilesError(
-                "this FactPipeline has no TransFace encoder or resampler; load it with from_pretrained"
+                "this FactPipeline has no TransFace encoder or face adapter; load them with from_pretrained"
             )
         crops = self.face_crops(faces)
-        self._place_face_modules()
-        tokens = fact.encode_face_tokens(self.face_encoder, self.resampler, np.stack(crops))
-        unconditional = self.resampler.unconditional(len(crops))
-        return FaceTokens(tokens, unconditional, crops)
+        resampler = self.face_adapter.resampler
+        tokens = fact.encode_face_tokens(self.face_encoder, resampler, np.stack(crops))
+        return FaceTokens(tokens, resampler.unconditional(len(crops)), crops)
+
+    def encode_identity(self, faces: Sequence[FaceInput] | FaceInput) -> dict[str, Any]:
+        """The call arguments that stand for ``faces`` (encoded once, reused by every call)."""
+        return {"face_tokens": self.encode_faces(faces)}
 
     # ---- pose ------------------------------------------------------------------------------------------------
 
-    def pose_estimator(self):
-        """The DWPose estimator from :attr:`pose_model_dir` (or idfusion's default pose-model folder).
-
-        Raises:
-            ModelFilesError: the DWPose ONNX models are not there (the message lists them).
-        """
-        if self._pose_estimator is None:
-            from ..pose import DWPoseEstimator, resolve_pose_model_dir
-
-            self._pose_estimator = DWPoseEstimator(resolve_pose_model_dir(self.pose_model_dir))
-        return self._pose_estimator
+    def set_pose_controlnet(self, controlnet) -> None:
+        """Use ``controlnet`` for poses; its attention sees the text tokens only."""
+        fact.attach_text_only_processors(controlnet)
+        self.register_modules(controlnet=controlnet)
 
     def load_pose_controlnet(self, source: str | os.PathLike = POSE_CONTROLNET, local_files_only: bool | None = None):
-        """Add an OpenPose ControlNet (Hub id or folder); its attention sees text tokens only."""
+        """Add an OpenPose ControlNet (Hub id or folder)."""
         from diffusers import ControlNetModel
 
         folder = resolve_model_folder(
@@ -289,21 +312,17 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"], local_files_only=local_files_only,
         )  # fmt: skip
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=self.unet.dtype).to(self.unet.device)
-        fact.attach_text_only_processors(controlnet)
-        self.register_modules(controlnet=controlnet)
+        self.set_pose_controlnet(controlnet)
         self.model_info["controlnet"] = str(source)
         return controlnet
 
     def pose_condition(self, pose_image: ImageInput, height: int, width: int, mode: str = "auto") -> PIL.Image.Image:
         """A skeleton image for the OpenPose ControlNet: a ready skeleton as given, or estimated from a photo."""
-        from ..pose import looks_like_skeleton, pose_condition
+        from ..pose import PosePreprocessor
 
-        loaded = load_image(pose_image)  # once, for both the skeleton test and the condition
-        if mode == "auto":
-            mode = "skeleton" if looks_like_skeleton(loaded) else "photo"
-        # a photo needs this pipeline's estimator (its weights must be there); a skeleton needs none
-        estimator = self.pose_estimator() if mode == "photo" else None
-        return pose_condition(loaded, (height, width), estimator=estimator, mode=mode)
+        if self.pose_preprocessor is None:
+            self.pose_preprocessor = PosePreprocessor()
+        return self.pose_preprocessor(pose_image, (height, width), mode)
 
     # ---- call ------------------------------------------------------------------------------------------------
 
@@ -326,6 +345,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         strength: float = 0.6,
         num_images_per_prompt: int = 1,
         seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         scheduler: str | None = None,
@@ -334,6 +354,7 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
         loras: Sequence[tuple[str, float]] = (),
         output_type: str = "pil",
         callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> IdentityPipelineOutput:
         """Generate portraits of the person in ``faces``.
 
@@ -350,10 +371,11 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             pose_mode: ``"auto"`` (tell skeletons from photos), ``"skeleton"`` or ``"photo"``.
             image, mask_image, strength: inpaint ``image`` where ``mask_image`` is white, with ``strength``.
             num_images_per_prompt: 1 to 6 portraits (one seed each); the faces are encoded once for all of them.
-            seed: an int (images get ``seed, seed + 1, ...``), one seed per image, or ``None`` for random seeds.
-            num_inference_steps, guidance_scale, scheduler: default 50, 7.0 (inpainting 5.0), ``"pndm"``.
+            seed, generator: an int (images get ``seed, seed + 1, ...``), one seed per image, or generators.
+            num_inference_steps, guidance_scale: default 50, 7.0 (inpainting 5.0); ``pipe.scheduler`` is PNDM.
             height, width: output size (multiples of 8); default 512 (the image's size when inpainting).
             loras: extra ``(file, weight)`` LoRAs (diffusers or kohya format).
+            output_type, callback_on_step_end, callback_on_step_end_tensor_inputs: as diffusers.
 
         Returns:
             :class:`IdentityPipelineOutput` with images, per-image metadata and the reference crops.
@@ -373,30 +395,25 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             height, width = height or init.size[1] // 8 * 8, width or init.size[0] // 8 * 8
         defaults = fact.INPAINT_DEFAULTS if inpainting else fact.DEFAULTS
-        settings = self.sampling_settings(
-            defaults, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            height=height, width=width, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        settings = self.prepare_settings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
+            height=height, width=width, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+            defaults={k: defaults[k] for k in ("num_inference_steps", "guidance_scale")}, output_type=output_type,
         )  # fmt: skip
+        self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         scale = defaults["adapter_scale"] if adapter_scale is None else float(adapter_scale)
         if not np.isfinite(scale) or scale < 0:
             raise ValueError(f"adapter_scale must be a finite number >= 0, got {adapter_scale}")
 
-        # 2. Style: prompt template and LoRA
+        # 2. Style: prompt template and LoRA, a pre-step like any SD1.5 pipeline's
         loras = list(loras)
-        text = prompt if prompt is not None else fact.DEFAULT_PROMPT
-        negative = negative_prompt
-        style_meta = {}
+        text, negative, styled = prompt if prompt is not None else fact.DEFAULT_PROMPT, negative_prompt, {}
         if style is not None:
-            from ..styles import Style, resolve_style
+            from ..styles import apply_style
 
-            style = style if isinstance(style, Style) else resolve_style(style)
-            text = style.format_prompt(prompt)
-            negative = negative if negative is not None else style.negative_prompt
-            weight = style.weight if style_weight is None else float(style_weight)
-            lora = style.lora_path()
-            if lora is not None:
-                loras.insert(0, (str(lora), weight))
-            style_meta = {"style": style.name, "style_weight": weight if lora is not None else None, "subject": prompt}
+            applied = apply_style(style, prompt, negative_prompt, style_weight=style_weight)
+            text, negative, styled = applied.prompt, applied.negative_prompt, applied.metadata
+            loras = ([applied.lora] if applied.lora else []) + loras
         elif style_weight is not None:
             raise ValueError("style_weight needs a style")
         negative = fact.NEGATIVE_PROMPT if negative is None else negative
@@ -407,14 +424,14 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
 
         # 4. LoRAs first (their text-encoder parts apply to this call's prompts). Context = [77 text tokens | 16k
         #    face tokens]; the negative branch gets the null face (face-CFG)
-        lora_meta = self.activate_adapters(False, loras, None)
-        if style_meta.get("style_weight") is not None:
+        lora_meta = activate_loras(self, loras)
+        if styled.get("style_weight") is not None:
             lora_meta = lora_meta[1:]  # the style brings its own LoRA back on replay: not recorded twice
         dtype = self.unet.dtype
         text_embeds = encode_text(self.text_encoder, self.tokenizer, [text, negative]).to(dtype)
         prompt_embeds = torch.cat([text_embeds[:1], identity.tokens.to(text_embeds.device, dtype)], dim=1)
         negative_embeds = torch.cat([text_embeds[1:], identity.unconditional.to(text_embeds.device, dtype)], dim=1)
-        fact.set_face_adapter_scale(self.unet, scale)
+        self.set_face_adapter_scale(scale)
         models = [self.unet] + ([self.controlnet] if self.controlnet is not None else [])
         fact.set_num_face_tokens(*models, num_photos=identity.num_photos)
 
@@ -433,110 +450,16 @@ class FactPipeline(IdentitySD15Mixin, DiffusionPipeline, StableDiffusionLoraLoad
             )
 
         # 6. Sample, and record what it takes to make each image again
-        return self.sample(
-            prompt_embeds, negative_embeds, None, identity.references, settings, lora_meta=lora_meta,
-            controlnet_image=condition, controlnet_conditioning_scale=controlnet_conditioning_scale, inpaint=inpaint,
-            output_type=output_type, callback_on_step_end=callback_on_step_end, prompt=text,
-            negative_prompt=negative, adapter_scale=scale, num_face_photos=identity.num_photos,
-            pose=pose_mode if pose_image is not None else None, **style_meta,
+        images = sample_sd15(
+            self, prompt_embeds, negative_embeds, settings, controlnet_image=condition,
+            controlnet_conditioning_scale=controlnet_conditioning_scale, inpaint=inpaint, output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs),
         )  # fmt: skip
-
-    # ---- fixed-template portraits ----------------------------------------------------------------------------
-
-    def template_portraits(
-        self,
-        template: ImageInput,
-        faces: Sequence[FaceInput] | FaceInput | None = None,
-        *,
-        face_tokens: FaceTokens | None = None,
-        face_index: int | str = 0,
-        strength: float = 0.6,
-        prompt: str | None = None,
-        negative_prompt: str | None = None,
-        adapter_scale: float | None = None,
-        use_pose: bool = False,
-        num_images: int = 1,
-        seed: int | Sequence[int] | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        scheduler: str | None = None,
-        **hooks: Any,
-    ) -> IdentityPipelineOutput:
-        """Repaint the face(s) of a template photo with the person in ``faces`` (spec §5.2, simplified).
-
-        Each chosen template face (left to right, or ``"all"``) is cut out in a square crop at the model's native
-        size, its face region is inpainted with the FACT identity (adapter scale 0.55, CFG 5, PNDM 50 steps,
-        ``strength`` 0.6 as the release), and the crop is pasted back through a feathered mask; every pixel outside
-        that mask is the template's. See :mod:`idfusion.pipelines.template` for the flow and its differences from
-        the official chain.
-
-        Args:
-            template: the template photo (one or more faces).
-            faces, face_tokens: the identity, as in :meth:`__call__`; encoded once for every face and image.
-            face_index: template face to repaint, counted from the left (0 = leftmost), or ``"all"``.
-            strength: inpainting strength (0, 1].
-            use_pose: also drive the OpenPose ControlNet with the template crop's pose (needs DWPose models).
-            num_images: 1 to 6 results, one seed each.
-            hooks: passed to :class:`~idfusion.pipelines.template.TemplatePortrait` (``mask_fn``, ``retouch``,
-                ``analyzer``, ``control_hooks``, ``face_fraction``, ``feather_px``).
-
-        Returns:
-            :class:`IdentityPipelineOutput`: template-size images, metadata, reference crops.
-        """
-        from ..outputs import file_sha256
-        from .common import resolve_seeds
-        from .template import TemplatePortrait, check_face_index
-
-        if not 1 <= num_images <= fact.MAX_IMAGES:
-            raise ValueError(f"num_images must be 1 to {fact.MAX_IMAGES}, got {num_images}")
-        check_face_index(face_index)
-        check_one_identity(faces, face_tokens, "face_tokens")
-        identity = face_tokens if face_tokens is not None else self.encode_faces(faces)
-        from_file = isinstance(template, (str, os.PathLike))
-        size = self.default_size(None, None)[0]
-        control_hooks = dict(hooks.pop("control_hooks", None) or {})
-        if use_pose:
-            import hashlib
-
-            from ..pose import pose_condition
-
-            estimator = self.pose_estimator()
-            skeletons: dict[bytes, PIL.Image.Image] = {}  # a face's crop is the same for every seed: estimate once
-
-            def pose_hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
-                key = hashlib.sha1(crop.tobytes()).digest()
-                if key not in skeletons:
-                    skeletons[key] = pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
-                return skeletons[key]
-
-            control_hooks["pose"] = pose_hook
-        hooks.setdefault("analyzer", self.photo_analyzer(dense_landmarks=True))
-
-        calls: list[dict] = []  # each inpainting call's metadata, for the current result
-        current = {"seed": 0}
-
-        def inpaint(crop) -> PIL.Image.Image:
-            out = self(
-                face_tokens=identity, prompt=prompt if prompt is not None else fact.TEMPLATE_PROMPT,
-                negative_prompt=negative_prompt, adapter_scale=adapter_scale, image=crop.image,
-                mask_image=crop.mask_image, strength=strength, seed=current["seed"],
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                height=size, width=size, pose_image=crop.control_images.get("pose"), pose_mode="skeleton",
-            )  # fmt: skip
-            calls.append(out.metadata[0])
-            return out.images[0]
-
-        flow = TemplatePortrait(inpaint, control_hooks=control_hooks, work_size=size, **hooks)
-        loaded, found = flow.find_faces(template)  # once for every result
-        shared = {"template": str(template) if from_file else "<image>", "face_index": face_index}
-        if from_file:
-            shared["template_sha256"] = file_sha256(template)
-        images, metadata = [], []
-        for image_seed in resolve_seeds(seed, num_images):
-            current["seed"] = image_seed
-            calls.clear()
-            result = flow.repaint(loaded, found, face_index)
-            images.append(result.image)
-            size_meta = {"width": result.image.width, "height": result.image.height, "crop_size": size}
-            metadata.append({**calls[-1], **shared, "faces_repainted": len(calls), **size_meta})
-        return IdentityPipelineOutput(images=images, metadata=metadata, references=identity.references)
+        return self.result(
+            images, settings, identity.references, **styled, prompt=prompt, composed_prompt=text,
+            negative_prompt=negative, adapter_scale=scale, num_face_photos=identity.num_photos,
+            loras=lora_meta or None, pose=pose_mode if pose_image is not None else None,
+            controlnet_conditioning_scale=controlnet_conditioning_scale if pose_image is not None else None,
+            strength=inpaint.strength if inpaint is not None else None,
+        )  # fmt: skip

@@ -1,7 +1,7 @@
 """FlashFacePipeline: 1-4 reference photos + prompt, through ReferenceNet reference attention.
 
 One class serves both releases (``flashface``: official; ``open-flashface``: IntellectGen); every difference
-between them is a field of :class:`~idfusion.methods.flashface.FlashFaceVariant`.
+between them is a field of :class:`~idfusion.methods.flashface.FlashFaceRelease`.
 """
 
 from __future__ import annotations
@@ -16,21 +16,19 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 
 from ..errors import FaceError, IdfusionError
 from ..faces import Face, align_face
 from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..methods import flashface
-from ..methods.flashface import OFFICIAL, OPEN, FlashFaceVariant, ReferenceBank
-from .common import FaceInput, IdentityPipelineOutput, IdentitySD15Mixin, make_generators, make_scheduler
+from ..methods.flashface import OFFICIAL, OPEN, RELEASES, FlashFaceRelease, ReferenceBank
+from .core import FaceInput, IdentityPipeline, IdentityPipelineOutput
 
-__all__ = ["FlashFacePipeline", "ReferenceError"]
+__all__ = ["FlashFacePipeline", "ReferenceImageError"]
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = {OFFICIAL.name: OFFICIAL, OPEN.name: OPEN}
 DEFAULT_MODELS = {OFFICIAL.name: "shilongz/FlashFace-SD1.5", OPEN.name: "IntellectGen/FlashFace"}
 MAX_REFERENCES = 4
 # Official demo defaults (demo_gradio.py): prompt postfixes, guidance, reference strengths.
@@ -51,7 +49,7 @@ OFFICIAL_STRENGTH_BEFORE_GUIDANCE = 0.85  # lambda in both branches while t > T*
 OFFICIAL_RESCALE = 0.5
 
 
-class ReferenceError(FaceError):
+class ReferenceImageError(FaceError):
     """A reference photo cannot be used (no face, several faces, too many references, bad weights)."""
 
 
@@ -71,149 +69,167 @@ def reference_crop(image: np.ndarray, face: Face, size: int) -> PIL.Image.Image:
     return canvas
 
 
-def _read_variant(folder: Path) -> FlashFaceVariant | None:
-    if (folder / "flashface.json").is_file():
-        return VARIANTS[json.loads((folder / "flashface.json").read_text())["variant"]]
-    if (folder / "flashface.ckpt").is_file():
-        return OFFICIAL
+def _read_release(folder: Path) -> FlashFaceRelease | None:
+    """The release a folder holds: a saved pipeline (its ``release``), the official files, or the open release."""
+    from ..convert import flashface as ckpt
+
     index = folder / "model_index.json"
-    if index.is_file() and "refnet" in json.loads(index.read_text()):
-        return OPEN
+    if index.is_file():
+        config = json.loads(index.read_text(encoding="utf-8"))
+        if config.get("_class_name") == FlashFacePipeline.__name__:
+            return RELEASES.get(config.get("release", OFFICIAL.name))
+        if "refnet" in config:
+            return OPEN
+    if (folder / ckpt.CHECKPOINT_FILE).is_file():
+        return OFFICIAL
     return None
 
 
-class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
-    """FlashFace generation (official or open release). Components: ``vae``, ``text_encoder``, ``tokenizer``,
-    ``unet`` (main UNet with reference attention), ``refnet`` (ReferenceNet) and ``scheduler`` (DDIM)."""
+class FlashFacePipeline(IdentityPipeline):
+    """FlashFace generation (official or open release).
+
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (main UNet), ``refnet`` (ReferenceNet),
+    ``scheduler`` (DDIM, the release's spacing) and, for the official release, ``reference_attention``
+    (:class:`~idfusion.methods.flashface.FlashFaceReferenceAttention`). The release is the pipeline config's
+    ``release``.
+    """
 
     model_cpu_offload_seq = "text_encoder->refnet->unet->vae"
-    id_embedding_dim = None
+    _optional_components = ["reference_attention"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, refnet, scheduler, variant: str = OFFICIAL.name):
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        refnet,
+        scheduler,
+        reference_attention=None,
+        release: str = "flashface",
+    ):
         super().__init__()
+        if release not in RELEASES:
+            raise ValueError(f"unknown FlashFace release {release!r}; choose one of {', '.join(RELEASES)}")
+        spec = RELEASES[release]
+        if spec.separate_reference_attention and reference_attention is None:
+            raise ValueError(f"the {release} release needs its reference_attention component")
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refnet=refnet, scheduler=scheduler
-        )
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown FlashFace variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        self.variant = VARIANTS[variant]
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refnet=refnet, scheduler=scheduler,
+            reference_attention=reference_attention if spec.separate_reference_attention else None,
+        )  # fmt: skip
+        self.register_to_config(release=release)
         self.bank = ReferenceBank()
-        flashface.attach_reference_processors(unet, refnet, self.bank, self.variant)
-        self.model_info = {"method": self.variant.name}
-        self._base_scheduler_config = dict(scheduler.config)
+        flashface.attach_reference_processors(unet, refnet, self.bank, self.reference_attention)
+
+    @property
+    def release(self) -> FlashFaceRelease:
+        return RELEASES[self.config.release]
+
+    @property
+    def default_settings(self) -> dict:  # type: ignore[override]
+        return {"num_inference_steps": self.release.num_inference_steps, "guidance_scale": self.release.guidance_scale}
+
+    @property
+    def method(self) -> str:  # type: ignore[override]  # the registry name is the release's
+        return self.release.name
+
+    def native_size(self) -> int:
+        """The release's resolution (768 official, 512 open): the checkpoint stores no sample size."""
+        return self.release.height
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike | None = None,
         *,
-        variant: str | None = None,
+        release: str | None = None,
         face_model_dir: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         local_files_only: bool | None = None,
         **kwargs,
     ) -> FlashFacePipeline:
         """Load the official release (``flashface.ckpt`` + CLIP + VAE files, e.g. ``shilongz/FlashFace-SD1.5`` or
-        the repo's ``cache/`` folder), a folder converted with ``idfusion convert flashface``, or the open release
-        (``IntellectGen/FlashFace`` diffusers folder). ``variant`` picks the default model id when no path is given.
+        the repo's ``cache/`` folder), a folder saved by ``save_pretrained`` (``idfusion convert`` writes one), or the
+        open release (``IntellectGen/FlashFace`` diffusers folder). ``release`` picks the default model id when no
+        path is given, and is checked against what the folder holds.
         """
-        from diffusers import DDIMScheduler
+        from ..convert import flashface as ckpt
 
-        from ..methods import flashface_checkpoint as ckpt
-
-        variant_name = variant or OFFICIAL.name
-        if variant_name not in VARIANTS:
-            raise ValueError(f"unknown FlashFace variant {variant_name!r}; choose one of {', '.join(VARIANTS)}")
-        source = pretrained_model_name_or_path or DEFAULT_MODELS[variant_name]
+        release_name = release or OFFICIAL.name
+        if release_name not in RELEASES:
+            raise ValueError(f"unknown FlashFace release {release_name!r}; choose one of {', '.join(RELEASES)}")
+        source = pretrained_model_name_or_path or DEFAULT_MODELS[release_name]
         local = Path(source).expanduser()
-        found = _read_variant(local) if local.is_dir() else None
+        found = _read_release(local) if local.is_dir() else None
         if found is None:
             required = (
                 ckpt.OFFICIAL_FILES
-                if variant_name == OFFICIAL.name
+                if release_name == OFFICIAL.name
                 else ("model_index.json", "unet/config.json", "refnet/config.json", "vae/config.json")
             )
             folder = resolve_model_folder(
-                source, required=required, what=f"FlashFace ({variant_name})", local_files_only=local_files_only
+                source, required=required, what=f"FlashFace ({release_name})", local_files_only=local_files_only
             )
-            found = _read_variant(folder)
+            found = _read_release(folder)
         else:
             folder = local
         if found is None:
-            raise IdfusionError(f"{folder}: not a FlashFace release (no flashface.ckpt, flashface.json or refnet/)")
-        if variant is not None and found.name != variant:
-            raise ValueError(f"{folder} holds the {found.name} model, but variant={variant!r} was asked for")
+            raise IdfusionError(f"{folder}: not a FlashFace release (no flashface.ckpt, model_index.json or refnet/)")
+        if release is not None and found.name != release:
+            raise ValueError(f"{folder} holds the {found.name} model, but release={release!r} was asked for")
 
-        if (folder / "flashface.json").is_file():
-            parts = ckpt.load_converted_flashface(folder, torch_dtype=torch_dtype)
-        elif found is OFFICIAL:
-            parts = ckpt.load_official_flashface(folder, torch_dtype=torch_dtype)
+        index = folder / "model_index.json"
+        if index.is_file() and json.loads(index.read_text(encoding="utf-8")).get("_class_name") == cls.__name__:
+            pipe = cls.from_saved_folder(folder, torch_dtype=torch_dtype, **kwargs)
         else:
-            parts = ckpt.load_open_flashface(folder, torch_dtype=torch_dtype)
-        # the release's noise schedule, with the variant's timestep spacing (official: trailing; open: offset 19)
-        scheduler = DDIMScheduler.from_config({**parts["scheduler"].config, **found.scheduler_config})
-        pipe = cls(
-            parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["refnet"], scheduler,
-            variant=found.name,
-        )  # fmt: skip
-        pipe.model_info = {"method": found.name, "model": str(source)}
+            load = ckpt.load_official_flashface if found is OFFICIAL else ckpt.load_open_flashface
+            parts = load(folder, torch_dtype=torch_dtype)
+            pipe = cls(**parts, release=found.name)
+        pipe.model_info = {"model": str(source)}
         faces = folder / "antelopev2"
         pipe.face_model_dir = Path(face_model_dir) if face_model_dir else (faces if faces.is_dir() else None)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """A converted folder (safetensors, diffusers-style) that :meth:`from_pretrained` reads back."""
-        from ..methods import flashface_checkpoint as ckpt
-
-        components = {k: getattr(self, k) for k in ("unet", "refnet", "text_encoder", "vae", "tokenizer")}
-        ckpt.save_converted_flashface(components, save_directory, variant_name=self.variant.name)
-
     # ---- references ------------------------------------------------------------------------------------------
 
     def reference_images(self, faces: Sequence[FaceInput]) -> list[PIL.Image.Image]:
-        """One reference image per photo (each must show exactly one face), cropped the variant's way."""
-        size = self.variant.reference_size
+        """One reference image per photo (each must show exactly one face), cropped the release's way."""
+        size = self.release.reference_size
         images = []
         for index, item in enumerate(faces):
             if isinstance(item, Face):
-                raise ReferenceError(item.source, "FlashFace needs the photo itself, not a Face record")
+                raise ReferenceImageError(item.source, "FlashFace needs the photo itself, not a Face record")
             loaded = load_image(item)
-            found = self.photo_analyzer().analyze(loaded.array, name=loaded.name)
+            found = self.default_face_analyzer().analyze(loaded.array, name=loaded.name)
             if len(found) != 1:
-                raise ReferenceError(
+                raise ReferenceImageError(
                     loaded.name,
                     f"reference {index + 1} shows {len(found)} faces; FlashFace needs exactly one face per reference "
                     "photo (crop it to one person)",
                 )
             face = found[0]
-            if self.variant is OFFICIAL:
+            if self.release is OFFICIAL:
                 images.append(reference_crop(loaded.array, face, size))
             else:  # the open release expects aligned face crops (insightface-style), resized to 256x256
                 images.append(PIL.Image.fromarray(align_face(loaded.array, face.landmarks, size=size)))
         return images
 
     @torch.no_grad()
-    def encode_references(self, images: Sequence[PIL.Image.Image], generator: torch.Generator) -> torch.Tensor:
-        """``(n, 4, s/8, s/8)`` scaled VAE latents of reference images (posterior mean, or a sample for the open
-        release, as each was trained)."""
+    def encode_references(
+        self, images: Sequence[PIL.Image.Image], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``(n, 4, s/8, s/8)`` scaled VAE latents of reference images: the posterior mean (official), or a sample
+        drawn from ``generator`` (open release), as each was trained."""
         pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
         pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1.0).to(self.vae.device, self.vae.dtype)  # (n, 3, s, s)
         posterior = self.vae.encode(pixels).latent_dist
-        if self.variant.reference_latents == "mean":
+        if self.release.reference_latents == "mean":
             latents = posterior.mean
         else:
             noise = torch.randn(posterior.mean.shape, generator=generator, dtype=posterior.mean.dtype)
             latents = posterior.mean + posterior.std * noise.to(posterior.mean.device)
         return latents * self.vae.config.scaling_factor
-
-    def _pad_references(self, latents: torch.Tensor, weights: torch.Tensor, seed: int):
-        """Always four references (official ``num_pairs = 4``): fewer are padded with seeded random duplicates."""
-        count = latents.shape[0]
-        if count == MAX_REFERENCES or self.variant is OPEN:
-            return latents, weights
-        picks = list(range(count)) + list(np.random.default_rng(seed).choice(count, MAX_REFERENCES - count))
-        index = torch.tensor(picks)
-        return latents[index.to(latents.device)], weights[index]
 
     # ---- text ------------------------------------------------------------------------------------------------
 
@@ -222,22 +238,23 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)  # fmt: skip
-        if self.variant.clip_skip == 0:
+        skip = self.release.clip_skip
+        if skip == 0:
             return self.text_encoder(input_ids)[0]
-        hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(self.variant.clip_skip + 1)]
+        hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(skip + 1)]
         return self.text_encoder.final_layer_norm(hidden)
 
     # ---- one step --------------------------------------------------------------------------------------------
 
     def write_references(self, reference_latents: torch.Tensor, timestep, context: torch.Tensor) -> None:
-        """Run the ReferenceNet; its processors store each reference block's ``norm1`` output in the bank."""
-        self.bank.clear()
+        """Run the ReferenceNet; its processors store each reference block's ``norm1`` output in the bank
+        (``(G * n, L, C)`` per block, read by every sample of the group)."""
+        self.bank.tokens.clear()
         self.bank.writing = True
         try:
             self.refnet(reference_latents, timestep, encoder_hidden_states=context)
         finally:
             self.bank.writing = False
-        # (n, L, C) per block, shared by every sample of the main batch
 
     def predict_noise(
         self,
@@ -268,14 +285,31 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         noise = flashface.forward_with_shared_down_path(
             self.unet, model_input.to(self.unet.dtype), timestep, context.to(self.unet.dtype), fork
         )
-        return noise.view(len(branches), count, *noise.shape[1:])
-
-    def _native_size(self) -> int:
-        """The release's resolution (768 official, 512 open) for full-width UNets (320 base channels); 64 px for the
-        test kit's narrow ones. The official checkpoint stores no sample size, so width is what tells them apart."""
-        return self.variant.height if self.unet.config.block_out_channels[0] >= 320 else 64
+        return noise.view(len(branches), count, *noise.shape[1:])  # (k*N, ...) -> (k, N, ...)
 
     # ---- call ------------------------------------------------------------------------------------------------
+
+    def _references(
+        self,
+        faces: Sequence[FaceInput] | None,
+        reference_images: Sequence[ImageInput] | None,
+        reference_latents: torch.Tensor | None,
+    ) -> tuple[list[PIL.Image.Image] | None, torch.Tensor | None, list[np.ndarray]]:
+        """The call's reference crops (to encode per image) or given latents, and the crops for contact sheets."""
+        sources = faces if faces is not None else reference_images
+        if sources is not None and not 1 <= len(sources) <= MAX_REFERENCES:
+            raise ReferenceImageError("references", f"give 1 to {MAX_REFERENCES} references, got {len(sources)}")
+        if faces is not None:
+            crops = self.reference_images(faces)
+        elif reference_images is not None:
+            size = self.release.reference_size
+            crops = [
+                load_image(im, name="reference_images").to_pil().resize((size, size), PIL.Image.LANCZOS)
+                for im in reference_images
+            ]
+        else:
+            return None, reference_latents, []
+        return crops, None, [np.asarray(c) for c in crops]
 
     @torch.no_grad()
     def __call__(
@@ -285,10 +319,11 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         face_weights: Sequence[float] | None = None,
         reference_images: Sequence[ImageInput] | None = None,
         reference_latents: torch.Tensor | None = None,
-        prompt: str = "a photo of a person",
+        prompt: str | None = None,
         negative_prompt: str | None = None,
         num_images_per_prompt: int = 1,
         seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         scheduler: str | None = None,
@@ -302,6 +337,7 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
         width: int | None = None,
         output_type: str = "pil",
         callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> IdentityPipelineOutput:
         """Generate images of the person (or blend of people) in the references.
 
@@ -313,6 +349,9 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             reference_latents: ``(n, 4, s/8, s/8)`` precomputed reference latents instead of ``faces``; with
                 ``n = 0`` (an empty tensor) nothing is referenced.
             prompt, negative_prompt: official: the default postfixes are appended, as in the official demo.
+            seed, generator: one seed per image (``seed, seed + 1, ...``), or diffusers-style generators. An image's
+                reference padding (official) and reference noise (open) come from its own seed, so a batch equals
+                its single images.
             reference_strength: ``lambda`` (official 1.2; open release's ``reference_scale`` 0.85).
             reference_guidance: ``s_r``, the reference guidance scale (official, phase B).
             reference_guidance_start: ``T*``: three-branch reference guidance for timesteps ``t <= T*``; before
@@ -320,19 +359,19 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
             guidance_rescale: CFG-rescale factor (official 0.5; 0 disables it).
             face_box: face position ``(x1, y1, x2, y2)`` in [0, 1] (official only); ``None`` or zeros: anywhere.
             num_inference_steps, guidance_scale, height, width: official 35, 7.5, 768; open 50, 3.0, 512.
-            scheduler: default ``"ddim"`` with the release's timestep spacing (official: trailing), as trained;
-                other samplers are built from the same noise schedule.
+            scheduler: a sampler name for this call; default ``pipe.scheduler`` (DDIM with the release's spacing).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' step callback (``"latents"``).
         """
-        variant = self.variant
-        # 1. Check inputs and fill the variant's defaults
-        settings = self.sampling_settings(
-            {"num_inference_steps": variant.num_inference_steps, "guidance_scale": variant.guidance_scale,
-             "scheduler": "ddim"},
+        release = self.release
+        # 1. Check inputs and fill the release's defaults
+        settings = self.prepare_settings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            height=height or self._native_size(), width=width or self._native_size(),
-            seed=seed, num_images_per_prompt=num_images_per_prompt,
+            height=height, width=width, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
         )  # fmt: skip
-        strength = variant.reference_strength if reference_strength is None else float(reference_strength)
+        self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        strength = release.reference_strength if reference_strength is None else float(reference_strength)
         for name, value in (("reference_strength", strength), ("reference_guidance", reference_guidance),
                             ("guidance_rescale", guidance_rescale)):  # fmt: skip
             if not math.isfinite(value) or value < 0:
@@ -342,112 +381,117 @@ class FlashFacePipeline(IdentitySD15Mixin, DiffusionPipeline):
                 raise ValueError(f"face_box must be 4 numbers x1, y1, x2, y2 in [0, 1]; got {list(face_box)}")
             if any(face_box) and (face_box[2] <= face_box[0] or face_box[3] <= face_box[1]):
                 raise ValueError(f"face_box needs x2 > x1 and y2 > y1; got {list(face_box)}")
-            if variant is OPEN:
+            if release is OPEN:
                 raise ValueError("face_box needs the official FlashFace model (the open release has no mask input)")
-        given = [x is not None for x in (faces, reference_images, reference_latents)]
-        if sum(given) != 1:
+        if sum(x is not None for x in (faces, reference_images, reference_latents)) != 1:
             raise ValueError("give exactly one of faces, reference_images or reference_latents")
-        generator = make_generators(settings.seeds[:1])[0]
-
-        # 2. References: crops -> latents, weights, always four (official)
         if faces is not None and not isinstance(faces, (list, tuple)):
             faces = [faces]
-        sources = faces if faces is not None else reference_images
-        if sources is not None and not 1 <= len(sources) <= MAX_REFERENCES:
-            raise ReferenceError("references", f"give 1 to {MAX_REFERENCES} references, got {len(sources)}")
-        references: list[np.ndarray] = []
-        if faces is not None:
-            crops = self.reference_images(faces)
-        elif reference_images is not None:
-            size = variant.reference_size
-            crops = [load_image(im).to_pil().resize((size, size), PIL.Image.LANCZOS) for im in reference_images]
-        if reference_latents is None:
-            reference_latents = self.encode_references(crops, generator)
-            references = [np.asarray(c) for c in crops]
-        count = reference_latents.shape[0]
+
+        # 2. References: crops, weights
+        crops, given_latents, references = self._references(faces, reference_images, reference_latents)
+        count = len(crops) if crops is not None else given_latents.shape[0]
         weights = torch.ones(count) if face_weights is None else torch.as_tensor(face_weights, dtype=torch.float32)
         if weights.shape != (count,) or not torch.isfinite(weights).all() or (weights < 0).any() or (
                 count and weights.sum() <= 0):  # fmt: skip
-            raise ReferenceError("face_weights", f"need {count} finite weights >= 0, not all zero; got {face_weights}")
-        if count:
-            reference_latents, weights = self._pad_references(reference_latents, weights, settings.seeds[0])
-        self.bank.weights = None if bool((weights == weights[:1]).all()) or count == 0 else weights / weights.max()
+            raise ReferenceImageError(
+                "face_weights", f"need {count} finite weights >= 0, not all zero; got {face_weights}"
+            )
 
         # 3. Text: the official demo appends its postfixes
-        if variant is OFFICIAL:
-            positive_text = f"{prompt}, {OFFICIAL_POSITIVE_POSTFIX}"
+        if release is OFFICIAL:
+            positive_text = f"{prompt or 'a photo of a person'}, {OFFICIAL_POSITIVE_POSTFIX}"
             negative_text = f"{negative_prompt or ''}, {OFFICIAL_NEGATIVE_POSTFIX}"
         else:
-            positive_text, negative_text = prompt, OPEN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            positive_text = prompt or "a photo of a person"
+            negative_text = OPEN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
 
-        # 4. Initial noise (one generator per image), timesteps, face-position mask
-        self.scheduler = make_scheduler(settings.scheduler, self._base_scheduler_config)
-        self.scheduler.set_timesteps(settings.steps, device=self._execution_device)
+        # 4. Initial noise (one generator per image), then the references each image reads: the official release
+        #    encodes them once (posterior mean) and pads them per image (its seed) as log-multiplicity weights;
+        #    the open release draws each image's reference noise from its generator after its initial noise
+        device = self._execution_device
+        scheduler_ = settings.scheduler
+        scheduler_.set_timesteps(settings.steps, device=device)
         shape = (4, settings.height // 8, settings.width // 8)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in make_generators(settings.seeds)])
-        latents = (latents * self.scheduler.init_noise_sigma).to(self._execution_device, positive.dtype)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in settings.generators])
+        latents = (latents * scheduler_.init_noise_sigma).to(device, positive.dtype)
+        batch = latents.shape[0]
+        if given_latents is not None:
+            reference_latents, groups = given_latents, 1
+        elif release.reference_latents == "mean":
+            reference_latents, groups = self.encode_references(crops), 1
+        else:
+            reference_latents = torch.cat([self.encode_references(crops, g) for g in settings.generators])
+            groups = batch
+        reference_latents = reference_latents.to(device, self.refnet.dtype)
+        self.bank.num_groups, self.bank.num_images = groups, batch
+        log_weights = None
+        if count:
+            seeds = [s if s is not None else 0 for s in settings.seeds]
+            multiplicity = torch.stack(
+                [flashface.reference_multiplicities(count, release.num_references, s) for s in seeds]
+            )  # (N, n)
+            # a bias over the reference keys only: it shifts mass between an image's own keys and the references,
+            # so only an all-ones weighting (no padding, equal weights) may be left out
+            scaled = multiplicity * (weights / weights.max())
+            if not bool((scaled == 1).all()):
+                log_weights = scaled.clamp_min(1e-12).log()
         mask = None
-        if variant.in_channels == 5:
+        if release.in_channels == 5:
             mask = flashface.face_position_mask(face_box, settings.height, settings.width).to(latents)
-        reference_latents = reference_latents.to(self._execution_device, self.refnet.dtype)
 
         # 5. Denoising loop
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
-            for i, t in enumerate(self.scheduler.timesteps):
-                if count and (variant.references_every_step or i == 0):
-                    # official: at the current t with the negative prompt; open: once at t = 0 with the prompt
-                    context = negative if variant.refnet_context == "negative" else positive
-                    timestep = t if variant.references_every_step else torch.zeros_like(t)
-                    self.write_references(
-                        reference_latents, timestep, context.expand(reference_latents.shape[0], -1, -1)
-                    )
-                elif not count:
-                    self.bank.clear()
-                texts = torch.cat([positive, negative])  # context 0: positive, 1: negative
-                if variant is OPEN:  # CFG; the unconditional branch sees no reference
-                    noise = self.predict_noise(latents, mask, t, texts, [(0, strength), (1, 0.0)])
-                    guided = noise[1] + settings.guidance_scale * (noise[0] - noise[1])
-                elif int(t) > reference_guidance_start:  # phase A: references in both branches at lambda_0
-                    branches = [(0, strength_before_guidance), (1, strength_before_guidance)]
-                    noise = self.predict_noise(latents, mask, t, texts, branches)
-                    guided = flashface.flashface_guidance(
-                        noise, text_scale=settings.guidance_scale, reference_scale=None, rescale=guidance_rescale
-                    )
-                else:  # phase B: [positive + references, positive, negative] with lambda [lam, 0, 0]
-                    noise = self.predict_noise(latents, mask, t, texts, [(0, strength), (0, 0.0), (1, 0.0)])
-                    guided = flashface.flashface_guidance(
-                        noise, text_scale=settings.guidance_scale, reference_scale=reference_guidance,
-                        rescale=guidance_rescale,
+        texts = torch.cat([positive, negative])  # context 0: positive, 1: negative
+        try:
+            with self.progress_bar(total=len(scheduler_.timesteps)) as progress:
+                for i, t in enumerate(scheduler_.timesteps):
+                    if count and (release.references_every_step or i == 0):
+                        # official: at the current t with the negative prompt; open: once at t = 0 with the prompt
+                        context = negative if release.refnet_context == "negative" else positive
+                        timestep = t if release.references_every_step else torch.zeros_like(t)
+                        self.write_references(
+                            reference_latents, timestep, context.expand(reference_latents.shape[0], -1, -1)
+                        )
+                    self.bank.log_weights = log_weights
+                    guided = self._guided_noise(
+                        latents, mask, t, texts, settings.guidance_scale, strength, reference_guidance,
+                        reference_guidance_start, strength_before_guidance, guidance_rescale,
                     )  # fmt: skip
-                latents = self.scheduler.step(guided, t, latents).prev_sample
-                if callback_on_step_end is not None:
-                    callback_on_step_end(self, i, t, {"latents": latents})
-                progress.update()
-        self.bank.clear()
+                    latents = scheduler_.step(guided, t, latents).prev_sample
+                    latents = self.step_end(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, {"latents": latents}
+                    )["latents"]
+                    progress.update()
+        finally:
+            self.bank.clear()
 
         # 6. Decode
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = ((images.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "pil":
-            images = [PIL.Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+        images = self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
-
-        shared = self.base_metadata(
-            **self.model_metadata(),
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            scheduler=settings.scheduler,
-            width=settings.width,
-            height=settings.height,
+        return self.result(
+            images, settings, references, prompt=prompt, negative_prompt=negative_prompt,
             reference_strength=strength,
-            reference_guidance=reference_guidance if variant is OFFICIAL else None,
-            reference_guidance_start=reference_guidance_start if variant is OFFICIAL else None,
+            reference_guidance=reference_guidance if release is OFFICIAL else None,
+            reference_guidance_start=reference_guidance_start if release is OFFICIAL else None,
             face_box=list(face_box) if face_box is not None else None,
             face_weights=[float(w) for w in face_weights] if face_weights is not None else None,
             num_references=count,
+        )  # fmt: skip
+
+    def _guided_noise(
+        self, latents, mask, t, texts, text_scale, strength, reference_guidance, guidance_start, strength_before,
+        rescale,
+    ) -> torch.Tensor:  # fmt: skip
+        """One step's guided noise prediction with the release's branches and guidance."""
+        if self.release is OPEN:  # CFG; the unconditional branch sees no reference
+            noise = self.predict_noise(latents, mask, t, texts, [(0, strength), (1, 0.0)])
+            return noise[1] + text_scale * (noise[0] - noise[1])
+        if int(t) > guidance_start:  # phase A: references in both branches at lambda_0
+            noise = self.predict_noise(latents, mask, t, texts, [(0, strength_before), (1, strength_before)])
+            return flashface.flashface_guidance(noise, text_scale=text_scale, reference_scale=None, rescale=rescale)
+        # phase B: [positive + references, positive, negative] with lambda [lam, 0, 0]
+        noise = self.predict_noise(latents, mask, t, texts, [(0, strength), (0, 0.0), (1, 0.0)])
+        return flashface.flashface_guidance(
+            noise, text_scale=text_scale, reference_scale=reference_guidance, rescale=rescale
         )
-        metadata = [{**shared, "seed": s} for s in settings.seeds]
-        return IdentityPipelineOutput(images=list(images), metadata=metadata, references=references)

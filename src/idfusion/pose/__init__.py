@@ -30,6 +30,7 @@ from .openpose import (
     pad_to_size,
     pose_condition,
 )
+from .preprocessor import PosePreprocessor
 
 __all__ = [
     "BODY_COLORS",
@@ -43,6 +44,7 @@ __all__ = [
     "POSE_FILE",
     "POSE_MODELS_ENV",
     "PoseKeypoints",
+    "PosePreprocessor",
     "default_pose_estimator",
     "default_pose_model_dir",
     "draw_openpose",

@@ -15,7 +15,7 @@ from typing import Any
 
 # Bound eagerly (make_tiny.py imports only the standard library): the function shares its submodule's name, and a
 # lazy binding would be shadowed by the submodule whenever ``idfusion.testing.make_tiny`` is imported first.
-from idfusion.testing.make_tiny import MAKE_TINY, make_tiny
+from idfusion.testing.make_tiny import make_tiny, tiny_writers
 
 # public name -> submodule that defines it
 _LAZY = {
@@ -51,7 +51,7 @@ _LAZY = {
     },
 }
 
-__all__ = ["MAKE_TINY", "make_tiny", *sorted(_LAZY)]
+__all__ = ["make_tiny", "tiny_writers", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -35,6 +35,9 @@ from ..sd15 import (
     sd15_text_encoder_config,
     sd15_unet_config,
     sd15_vae_config,
+    tiny_text_encoder_config,
+    tiny_unet_config,
+    tiny_vae_config,
 )
 
 if TYPE_CHECKING:
@@ -100,56 +103,6 @@ def _build_seeded(build: Callable[[dict[str, Any]], M], config: dict[str, Any], 
 # --------------------------------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
-    """SD1.5's UNet topology at toy width; ``sample_size`` 8 means 64x64 pixels.
-
-    Same block types and four resolution levels, and widths in SD1.5's 1:2:4:4 ratio, so the same resnets have
-    channel-changing shortcuts and, at SD1.5's depth (``layers_per_block=2``), the key names equal the real ones.
-    """
-    return _merged(
-        sd15_unet_config()
-        | {
-            "attention_head_dim": 2,
-            "block_out_channels": [32, 64, 128, 128],
-            "cross_attention_dim": 32,
-            "layers_per_block": 1,
-            "norm_num_groups": 8,
-            "sample_size": 8,
-        },
-        overrides,
-        "unet",
-    )
-
-
-def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
-    """SD1.5's VAE topology (4 levels, so 8x downsampling; 4 latent channels; SD's scaling factor) at toy width.
-
-    Widths keep SD1.5's 1:2:4:4 ratio, so at ``layers_per_block=2`` the key names equal the real ones.
-    """
-    return _merged(
-        sd15_vae_config()
-        | {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64},
-        overrides,
-        "vae",
-    )
-
-
-def tiny_text_encoder_config(**overrides: Any) -> dict[str, Any]:
-    """SD1.5's text encoder at hidden size 32 (= the tiny UNet's cross-attention dim), keeping vocab and positions."""
-    return _merged(
-        sd15_text_encoder_config()
-        | {
-            "hidden_size": 32,
-            "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 3,
-            "projection_dim": 32,
-        },
-        overrides,
-        "text_encoder",
-    )
 
 
 def sd15_safety_checker_config(**overrides: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Write tiny random checkpoints in the exact layouts of official releases, for tests and demos with no downloads.
 
-Each *method* has one writer in :data:`MAKE_TINY`; :func:`make_tiny` runs it into a fresh folder. The files have the
+Each *method* names its writer in the method registry (:mod:`idfusion.registry`), beside the kits in :data:`KITS`;
+:func:`make_tiny` runs it into a fresh folder. The files have the
 folder layout, file names, config fields and tensor key names of the real release, with tiny shapes and seeded random
 weights, so loading code written for the real files runs unchanged on them.
 
@@ -118,7 +119,7 @@ Methods and the layouts they write (paths relative to the output folder):
         antelopev2/arcface.onnx
 
 Adding a method: write a function ``writer(out_dir: Path, seed: int) -> list[Path]`` that fills the (existing, empty)
-folder and returns the files it wrote, and register it in :data:`MAKE_TINY`. Import heavy or optional modules inside
+folder and returns the files it wrote, and name it in the method's registry entry (``tiny="module:function"``). Import heavy or optional modules inside
 the writer, so that this module stays cheap to import.
 """
 
@@ -135,7 +136,7 @@ from pathlib import Path
 
 from idfusion.errors import IdfusionError
 
-__all__ = ["MAKE_TINY", "OutputExistsError", "Writer", "make_tiny"]
+__all__ = ["KITS", "OutputExistsError", "Writer", "make_tiny", "tiny_writers"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,13 +218,6 @@ def write_antelopev2(out_dir: Path, seed: int) -> list[Path]:
     return write_tiny_antelopev2(out_dir, seed=seed)
 
 
-def write_arc2face(out_dir: Path, seed: int) -> list[Path]:
-    """Write a tiny Arc2Face release (see ``idfusion.testing.tiny_arc2face``)."""
-    from idfusion.testing.tiny_arc2face import write_arc2face as write
-
-    return write(out_dir, seed)
-
-
 def write_adaface(out_dir: Path, seed: int) -> list[Path]:
     """Write a tiny AdaFace v2 release: the model repo's ``models/`` layout, with a 512-wide SD1.5 base in
     ``models/stable-diffusion-v1-5/`` where the pipeline looks first (see ``idfusion.testing.tiny_adaface``)."""
@@ -246,27 +240,6 @@ def write_adaface(out_dir: Path, seed: int) -> list[Path]:
     base.mkdir()
     write_sd15(base, seed + 20, text_width=TINY_ID_WIDTH)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
-
-
-def write_flashface(out_dir: Path, seed: int) -> list[Path]:
-    """Write a tiny official FlashFace release (see ``idfusion.testing.tiny_flashface``)."""
-    from idfusion.testing.tiny_flashface import write_flashface as write
-
-    return write(out_dir, seed)
-
-
-def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
-    """Write a tiny open FlashFace (IntellectGen) diffusers folder (see ``idfusion.testing.tiny_flashface``)."""
-    from idfusion.testing.tiny_flashface import write_open_flashface as write
-
-    return write(out_dir, seed)
-
-
-def write_fact(out_dir: Path, seed: int) -> list[Path]:
-    """Write a tiny FaceChain-FACT release with a tiny SD1.5 base (see ``idfusion.testing.tiny_fact``)."""
-    from idfusion.testing.tiny_fact import write_fact as write
-
-    return write(out_dir, seed)
 
 
 def write_feedface(out_dir: Path, seed: int) -> list[Path]:
@@ -305,17 +278,25 @@ def write_feedface_sd15(out_dir: Path, seed: int) -> list[Path]:
     return sorted(files + write_antelopev2(out_dir / "antelopev2", seed))
 
 
-MAKE_TINY: dict[str, Writer] = {
-    "sd15": write_sd15,
-    "antelopev2": write_antelopev2,
-    "arc2face": write_arc2face,
-    "adaface": write_adaface,
-    "flashface": write_flashface,
-    "open-flashface": write_open_flashface,
-    "fact": write_fact,
-    "feedface": write_feedface,
-    "feedface-sd15": write_feedface_sd15,
-}
+#: Writers of the face-model and base-model kits; each method's writer is named by its registry entry.
+KITS: dict[str, Writer] = {"sd15": write_sd15, "antelopev2": write_antelopev2}
+
+
+def tiny_writers() -> dict[str, str | Writer]:
+    """Every ``make-tiny`` target: the kits, then each registered method (``"module:function"`` of its writer)."""
+    from idfusion.registry import methods
+
+    return {**KITS, **{spec.name: spec.tiny for spec in methods()}}
+
+
+def _writer(method: str) -> Writer:
+    from idfusion.registry import resolve
+
+    writers = tiny_writers()
+    if method not in writers:
+        raise ValueError(f"unknown tiny checkpoint method {method!r}; choose one of: {', '.join(writers)}")
+    writer = writers[method]
+    return resolve(writer) if isinstance(writer, str) else writer
 
 
 def _remove(path: Path) -> None:
@@ -332,7 +313,7 @@ def make_tiny(method: str, out_dir: str | os.PathLike[str], *, seed: int = 0, ov
     never leaves a half-written checkpoint behind.
 
     Args:
-        method (`str`): one of :data:`MAKE_TINY` (``"sd15"``, ``"antelopev2"``, ...).
+        method (`str`): a kit (``"sd15"``, ``"antelopev2"``) or a registered method (``"arc2face"``, ...).
         out_dir (`str` or `os.PathLike`): the folder to create. It must not exist or be empty, unless ``overwrite``.
         seed (`int`, *optional*, defaults to 0): the same seed writes the same weights.
         overwrite (`bool`, *optional*, defaults to `False`): write into a non-empty ``out_dir``. Each top-level
@@ -347,8 +328,7 @@ def make_tiny(method: str, out_dir: str | os.PathLike[str], *, seed: int = 0, ov
         OutputExistsError: ``out_dir`` is a file, or a non-empty folder and ``overwrite`` is false (an
             ``IdfusionError`` and a ``FileExistsError``).
     """
-    if method not in MAKE_TINY:
-        raise ValueError(f"unknown tiny checkpoint method {method!r}; choose one of: {', '.join(sorted(MAKE_TINY))}")
+    write = _writer(method)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder; give the path of a new or empty folder")
@@ -360,7 +340,7 @@ def make_tiny(method: str, out_dir: str | os.PathLike[str], *, seed: int = 0, ov
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        written = MAKE_TINY[method](tmp, seed)
+        written = write(tmp, seed)
         relative = sorted({(p if p.is_absolute() else tmp / p).relative_to(tmp) for p in written})
         tmp.chmod(0o755)  # mkdtemp makes it private; this is an ordinary output folder
         if out.is_dir() and any(out.iterdir()):

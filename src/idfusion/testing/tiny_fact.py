@@ -93,32 +93,28 @@ def tiny_transface(seed: int = 0):
 
 def tiny_fact_adapter_state_dict(unet, seed: int = 0, *, with_ln: bool = False) -> dict[str, torch.Tensor]:
     """An adapter checkpoint dict in the official key names for ``unet`` (not modified): ``local_fac_prj.*`` and
-    ``<site>.attn2.processor.*`` with random weights and non-zero gates."""
-    import copy
+    ``<site>.attn2.processor.*`` with random weights and non-zero gates (the relocated ``ln`` only ``with_ln``)."""
+    from idfusion.methods.fact import FactFaceAdapter, fact_adapter_key_map
 
-    from idfusion.methods.fact import FaceResampler, attach_face_adapter
-
-    unet = copy.deepcopy(unet)
-    width = unet.config.cross_attention_dim
     torch.manual_seed(seed)
-    resampler = FaceResampler(**TINY_RESAMPLER_CONFIG, output_dim=width)
-    processors = attach_face_adapter(unet, cross_attention_dim=width)
+    resampler_config = {k: v for k, v in TINY_RESAMPLER_CONFIG.items()}
+    adapter = FactFaceAdapter.for_unet(unet, resampler=resampler_config)
     generator = torch.Generator().manual_seed(seed + 1)
-    _perturb(resampler, generator)
-    state = {f"local_fac_prj.{k}": v.clone() for k, v in resampler.state_dict().items()}
-    for site, processor in processors.items():
-        with torch.no_grad():
-            for param in processor.parameters():
-                if param is processor.ln.weight or param is processor.ln.bias:
+    _perturb(adapter.resampler, generator)
+    with torch.no_grad():
+        for site in adapter.sites:
+            for param in site.parameters():
+                if param is site.ln.weight or param is site.ln.bias:
                     continue
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
-            processor.alpha_attn.copy_(0.3 + 0.4 * torch.rand((), generator=generator))
-            processor.alpha_dense.copy_(-(0.3 + 0.4 * torch.rand((), generator=generator)))
-        for key, value in processor.state_dict().items():
-            if key.startswith("ln.") and not with_ln:
-                continue
-            state[f"{site}.attn2.processor.{key}"] = value.clone()
-    return state
+            site.alpha_attn.copy_(0.3 + 0.4 * torch.rand((), generator=generator))
+            site.alpha_dense.copy_(-(0.3 + 0.4 * torch.rand((), generator=generator)))
+    names = fact_adapter_key_map(adapter)
+    return {
+        names[key]: value.clone()
+        for key, value in adapter.state_dict().items()
+        if with_ln or not (key.startswith("sites.") and ".ln." in key)
+    }
 
 
 def write_fact(out_dir: Path, seed: int) -> list[Path]:

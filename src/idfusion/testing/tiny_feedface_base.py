@@ -73,9 +73,9 @@ GPT2_WORDS = (
 
 
 def tiny_uvit_config(**overrides: Any) -> dict[str, Any]:
-    """UniDiffuser-v1's U-ViT (:data:`~idfusion.methods.feedface_checkpoint.UVIT_V1_CONFIG`) at toy size: width
+    """UniDiffuser-v1's U-ViT (:data:`~idfusion.convert.feedface.UVIT_V1_CONFIG`) at toy size: width
     128 (2 heads of 64, the head width the loader assumes), the full 30 layers, an 8x8 latent, text width 16."""
-    from idfusion.methods.feedface_checkpoint import UVIT_HEAD_DIM, uvit_config
+    from idfusion.convert.feedface import UVIT_HEAD_DIM, uvit_config
 
     return uvit_config(
         **{
@@ -91,14 +91,14 @@ def tiny_uvit_config(**overrides: Any) -> dict[str, Any]:
 
 def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
     """UniDiffuser's KL-f8 autoencoder topology at widths (32, 64, 128, 128) (GroupNorm 32 divides them all)."""
-    from idfusion.methods.feedface_checkpoint import vae_config
+    from idfusion.convert.feedface import vae_config
 
     return vae_config(**{"block_out_channels": [32, 64, 128, 128], "sample_size": 64, **overrides})
 
 
 def tiny_text_decoder_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
     """The caption decoder at toy size (see the module docstring); ``vocab_size`` includes ``<|EOS|>``."""
-    from idfusion.methods.feedface_checkpoint import text_decoder_config
+    from idfusion.convert.feedface import text_decoder_config
 
     return text_decoder_config(
         **{
@@ -291,7 +291,7 @@ def write_unidiffuser_base(models_dir: Path, seed: int) -> list[Path]:
     Returns:
         `list[Path]`: the files written, sorted.
     """
-    from idfusion.methods.feedface_checkpoint import (
+    from idfusion.convert.feedface import (
         AUTOENCODER_FILE,
         CAPTION_DECODER_FILE,
         CLIP_TEXT_DIR,

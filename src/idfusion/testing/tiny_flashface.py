@@ -99,8 +99,8 @@ def _perturb(module: torch.nn.Module, generator: torch.Generator, scale: float =
                 parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
 
 
-def tiny_flashface_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """Seeded tiny official-variant networks: (main UNet with ``attn_ref``, ReferenceNet, a separate mid block for
+def tiny_flashface_models(seed: int = 0) -> tuple[torch.nn.Module, ...]:
+    """Seeded tiny official-release networks: (main UNet, ReferenceNet, reference attention, a separate mid block for
     ``ref_middle``)."""
     from diffusers import UNet2DConditionModel
 
@@ -110,18 +110,17 @@ def tiny_flashface_models(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Modu
     config = tiny_flashface_unet_config()
     generator = torch.Generator().manual_seed(seed)
     with _seeded(seed):
-        main, _ = build_flashface_models(config, OFFICIAL)
+        main, _, reference = build_flashface_models(config, OFFICIAL)
     with _seeded(seed + 1):
-        _, refnet = build_flashface_models(config, OFFICIAL)
+        _, refnet, _ = build_flashface_models(config, OFFICIAL)
     with _seeded(seed + 2):
         spare = UNet2DConditionModel.from_config({**config, "in_channels": 4})
-    for module in (main, refnet, spare):
+    for module in (main, refnet, spare, reference):
         _perturb(module, generator)
-    with torch.no_grad():  # fine-tuned: attn_ref has moved away from the attn1 it was copied from
-        for name, parameter in main.named_parameters():
-            if ".attn_ref." in name:
-                parameter.add_(0.5 * parameter.std() * torch.randn(parameter.shape, generator=generator))
-    return main.eval(), refnet.eval(), spare.mid_block.eval()
+    with torch.no_grad():  # fine-tuned: the reference attention has moved away from the attn1 it was copied from
+        for parameter in reference.parameters():
+            parameter.add_(0.5 * parameter.std() * torch.randn(parameter.shape, generator=generator))
+    return main.eval(), refnet.eval(), reference.eval(), spare.mid_block.eval()
 
 
 def _tiny_visual_tower(generator: torch.Generator, width: int = 32, layers: int = 2) -> dict[str, torch.Tensor]:
@@ -160,7 +159,7 @@ def _tiny_visual_tower(generator: torch.Generator, width: int = 32, layers: int 
 def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     """Write the tiny official release (layout in this module's docstring) into the empty folder ``out_dir``."""
     from ..clip_tokenizer import clip_bpe_path
-    from ..methods.flashface_checkpoint import (
+    from ..convert.flashface import (
         BPE_FILE,
         CHECKPOINT_FILE,
         CLIP_FILE,
@@ -172,8 +171,9 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     from .components import _build_seeded, build_text_encoder, build_vae
     from .make_tiny import write_antelopev2
 
-    main, refnet, ref_middle = tiny_flashface_models(seed)
-    torch.save(flashface_unets_state_dict(main, refnet, ref_middle=ref_middle), out_dir / CHECKPOINT_FILE)
+    main, refnet, reference, ref_middle = tiny_flashface_models(seed)
+    state = flashface_unets_state_dict(main, refnet, reference, ref_middle=ref_middle)
+    torch.save(state, out_dir / CHECKPOINT_FILE)
 
     generator = torch.Generator().manual_seed(seed + 3)
     text = _build_seeded(build_text_encoder, tiny_flashface_text_config(), seed + 3)

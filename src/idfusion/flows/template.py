@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -53,6 +54,7 @@ __all__ = [
     "canny_condition",
     "default_feather_px",
     "check_face_index",
+    "template_portraits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -509,3 +511,105 @@ class TemplatePortrait:
         return TemplateResult(
             image=PIL.Image.fromarray(current), faces=[faces[i] for i in chosen], boxes=boxes, masks=masks
         )
+
+
+def template_portraits(
+    pipe: Any,
+    template: ImageInput,
+    faces: Any = None,
+    *,
+    identity: Mapping[str, Any] | None = None,
+    face_index: int | str = 0,
+    strength: float = 0.6,
+    prompt: str | None = None,
+    use_pose: bool = False,
+    num_images: int = 1,
+    seed: int | Sequence[int] | None = None,
+    max_images: int | None = None,
+    flow_options: Mapping[str, Any] | None = None,
+    **call_options: Any,
+) -> Any:
+    """Fixed-template portraits with any identity pipeline that inpaints (``image``, ``mask_image``, ``strength``).
+
+    Each chosen template face (left to right, or ``"all"``) is cut out in a square crop at the model's native size,
+    its face region is inpainted with the identity, and the crop is pasted back through a feathered mask; every pixel
+    outside that mask is the template's. The identity is encoded once (``pipe.encode_identity(faces)``) for every
+    face and result.
+
+    Args:
+        pipe: an :class:`~idfusion.pipelines.core.IdentityPipeline` whose ``__call__`` inpaints.
+        template: the template photo (one or more faces).
+        faces, identity: the identity photos, or the call arguments ``pipe.encode_identity`` made from them.
+        face_index: template face to repaint, counted from the left (0 = leftmost), or ``"all"``.
+        strength: inpainting strength (0, 1].
+        prompt: default the pipeline's ``template_defaults["prompt"]``.
+        use_pose: also keep the template's pose: a ``"pose"`` control hook estimates the crop's pose and the call
+            gets it as ``pose_image`` (needs the pipeline's pose support and the DWPose models).
+        num_images: results, one seed each; ``max_images`` bounds it.
+        flow_options: :class:`TemplatePortrait` options (``mask_fn``, ``retouch``, ``analyzer``, ``control_hooks``,
+            ``face_fraction``, ``feather_px``).
+        call_options: further ``pipe(...)`` arguments (``negative_prompt``, ``adapter_scale``, steps, ...).
+
+    Returns:
+        ``IdentityPipelineOutput``: template-size images, metadata, reference crops.
+    """
+    import hashlib
+    import os
+
+    from ..outputs import file_sha256
+    from ..pipelines.core import IdentityPipelineOutput, check_one_identity, resolve_seeds
+
+    if max_images is not None and not 1 <= num_images <= max_images:
+        raise ValueError(f"num_images must be 1 to {max_images}, got {num_images}")
+    check_face_index(face_index)
+    check_one_identity(faces, identity, "identity")
+    identity = dict(identity) if identity is not None else pipe.encode_identity(faces)
+    references = next((v.references for v in identity.values() if hasattr(v, "references")), [])
+    from_file = isinstance(template, (str, os.PathLike))
+    size = pipe.native_size()
+    options = dict(flow_options or {})
+    control_hooks = dict(options.pop("control_hooks", None) or {})
+    if use_pose:
+        from ..pose import pose_condition
+
+        skeletons: dict[bytes, PIL.Image.Image] = {}  # a face's crop is the same for every seed: estimate once
+
+        def pose_hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
+            key = hashlib.sha1(crop.tobytes()).digest()
+            if key not in skeletons:
+                estimator = pipe.pose_preprocessor.estimator  # raises naming the DWPose files when absent
+                skeletons[key] = pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
+            return skeletons[key]
+
+        control_hooks["pose"] = pose_hook
+    options.setdefault("analyzer", pipe.default_face_analyzer())
+    text = prompt if prompt is not None else getattr(pipe, "template_defaults", {}).get("prompt")
+
+    calls: list[dict] = []  # each inpainting call's metadata, for the current result
+    current = {"seed": 0}
+
+    def inpaint(crop: TemplateCrop) -> PIL.Image.Image:
+        pose = crop.control_images.get("pose")
+        extra = {"pose_image": pose, "pose_mode": "skeleton"} if pose is not None else {}
+        out = pipe(
+            **identity, prompt=text, image=crop.image, mask_image=crop.mask_image, strength=strength,
+            seed=current["seed"], height=size, width=size, **extra, **call_options,
+        )  # fmt: skip
+        calls.append(out.metadata[0])
+        return out.images[0]
+
+    flow = TemplatePortrait(inpaint, control_hooks=control_hooks, work_size=size, **options)
+    loaded, found = flow.find_faces(template)  # once for every result
+    shared: dict[str, Any] = {"template": str(template) if from_file else "<image>", "face_index": face_index}
+    if from_file:
+        shared["template_sha256"] = file_sha256(template)
+    images, metadata = [], []
+    for total, image_seed in enumerate(resolve_seeds(seed, num_images), start=1):
+        current["seed"] = image_seed
+        calls.clear()
+        logger.info("template result %d of %d (seed %d)", total, num_images, image_seed)
+        result = flow.repaint(loaded, found, face_index)
+        images.append(result.image)
+        size_meta = {"width": result.image.width, "height": result.image.height, "crop_size": size}
+        metadata.append({**calls[-1], **shared, "faces_repainted": len(calls), **size_meta})
+    return IdentityPipelineOutput(images=images, metadata=metadata, references=list(references))

@@ -1,0 +1,407 @@
+"""The method registry: everything the CLI, the web UI, evaluation and training need to know about a method.
+
+One :class:`MethodSpec` per method names its pipeline class, how it takes an identity (face embeddings or the photos
+themselves), its options, which shared features it supports, and where its tiny test release, converter, benchmark
+case and training recipe live. Nothing outside this module and the method's own files branches on a method's name.
+
+Every reference to code is a ``"module:attribute"`` string, imported on first use, so importing the registry (and
+``idfusion --help``) imports no torch. Adding a method is a method file, a pipeline file, a tiny writer and one
+:func:`register_method` call (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import values
+from .errors import IdfusionError
+from .pipelines.scheduling import SCHEDULERS
+
+__all__ = [
+    "FEATURES",
+    "COMMON_OPTIONS",
+    "FEATURE_OPTIONS",
+    "Option",
+    "MethodSpec",
+    "UnknownMethodError",
+    "register_method",
+    "get_method",
+    "method_names",
+    "methods",
+    "methods_with",
+    "resolve",
+    "pipeline_class",
+    "load_pipeline",
+]
+
+#: Shared capabilities a method may support. Each brings its options (:data:`FEATURE_OPTIONS`); ``templates`` means
+#: the fixed-template flow can use the method (its pipeline inpaints), ``blending`` per-photo identity weights.
+FEATURES = frozenset(
+    {"negative_prompt", "base_model", "lora", "controlnet", "lcm", "styles", "pose", "templates", "blending"}
+)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A user-facing option: one CLI flag, one pipeline argument, one metadata key.
+
+    Attributes:
+        flag: the CLI flag, e.g. ``"--face-box"``.
+        help: one line for ``--help``.
+        parse: turns the text into a value (raises :class:`~idfusion.values.OptionValueError`); ``None`` keeps text.
+        argument: the pipeline argument (``__call__``, or ``from_pretrained`` when ``target == "load"``); default:
+            the flag's name with underscores.
+        metadata: the key the value is recorded under in an image's metadata (default: ``argument``); ``""``: not
+            recorded, so ``--from`` cannot replay it.
+        target: ``"call"`` (a ``__call__`` argument) or ``"load"`` (a ``from_pretrained`` argument).
+        kind: ``"value"``; ``"flag"`` (on/off); ``"file"`` (an input file: recorded by hash, so ``--from`` asks for
+            it again); ``"list"`` (repeatable).
+        replay: turns the recorded metadata value back into the option's value (default: as recorded).
+    """
+
+    flag: str
+    help: str
+    parse: Callable[[str], Any] | None = None
+    argument: str | None = None
+    metadata: str | None = None
+    target: Literal["call", "load"] = "call"
+    kind: Literal["value", "flag", "file", "list"] = "value"
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    replay: Callable[[Any], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def call_argument(self) -> str:
+        return self.argument or self.dest
+
+    @property
+    def metadata_key(self) -> str:
+        return self.call_argument if self.metadata is None else self.metadata
+
+
+def _recorded_loras(items: Any) -> list[tuple[str, float]]:
+    return [(str(item["name"]), float(item["weight"])) for item in items]
+
+
+#: Options every method takes.
+COMMON_OPTIONS: tuple[Option, ...] = (
+    Option("--prompt", "text prompt (default: the method's)"),
+    Option("--steps", "sampling steps (default: the method's)", values.positive_int, "num_inference_steps", "steps"),
+    Option("--guidance", "classifier-free guidance scale (default: the method's)", values.non_negative_float,
+           "guidance_scale", "guidance_scale"),
+    Option("--scheduler", "sampler (default: the method's)", choices=tuple(SCHEDULERS)),
+    Option("--width", "image width, a multiple of 8 (default: the model's native size)", values.positive_int),
+    Option("--height", "image height, a multiple of 8 (default: the model's native size)", values.positive_int),
+)  # fmt: skip
+
+#: The options each shared feature brings.
+FEATURE_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "negative_prompt": (Option("--negative-prompt", "negative prompt (default: the method's)"),),
+    "base_model": (
+        Option("--base-model", "SD1.5-family base model (Hub id or folder)", target="load", metadata="base_model"),
+    ),
+    "lora": (
+        Option(
+            "--lora",
+            "extra LoRA file (diffusers or kohya format); repeat for more",
+            values.weighted_path,
+            "loras",
+            "loras",
+            kind="list",
+            metavar="FILE[:WEIGHT]",
+            replay=_recorded_loras,
+        ),
+    ),  # fmt: skip
+    "controlnet": (
+        Option(
+            "--controlnet-image",
+            "condition image for the model's ControlNet",
+            argument="controlnet_image",
+            metadata="controlnet_image",
+            kind="file",
+            metavar="IMAGE",
+        ),
+        Option(
+            "--controlnet-scale",
+            "ControlNet strength (default 1.0)",
+            values.non_negative_float,
+            "controlnet_conditioning_scale",
+            "controlnet_conditioning_scale",
+        ),
+    ),  # fmt: skip
+    "lcm": (Option("--lcm", "LCM-LoRA: 2-4 steps, guidance 1.0", kind="flag", metadata="lcm"),),
+    "styles": (
+        Option("--style", "a style name (see `idfusion styles`) or FILE.toml[:NAME]"),
+        Option("--style-weight", "weight of the style's LoRA (default: the style's)", values.non_negative_float),
+    ),
+    "pose": (
+        Option(
+            "--pose-image",
+            "OpenPose skeleton image, or a photo (needs the DWPose models)",
+            kind="file",
+            metadata="pose",
+            metavar="IMAGE",
+        ),
+    ),  # fmt: skip
+    "templates": (),
+    "blending": (),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What idfusion knows about one method.
+
+    Attributes:
+        name: the method's name on the command line (``--method NAME``).
+        title: a human name, e.g. ``"FlashFace (official)"``.
+        summary: one line saying what the method is.
+        pipeline: ``"module:Class"`` of its pipeline (a diffusers ``DiffusionPipeline``).
+        identity: ``"embedding"``: conditioned on an identity embedding, which images record and ``--from`` replays;
+            ``"photos"``: conditioned on the photos themselves (``--from`` needs them again).
+        features: the :data:`FEATURES` it supports.
+        options: its own options.
+        load_arguments: fixed ``from_pretrained`` arguments (for example the release of a shared pipeline class).
+        default_model: the official release (Hub id or ModelScope id), or ``None`` where none exists.
+        max_images: the most images one request may make (``None``: no method limit).
+        tiny: ``"module:function"`` writing a tiny random release in the official layout (``make-tiny``).
+        converter: ``"module:function(source, out)"`` converting official files to safetensors (``convert``).
+        bench: ``"module:attribute"`` of its :class:`~idfusion.bench.BenchCase`.
+        recipe: the training recipe's name, when the method can be trained.
+    """
+
+    name: str
+    title: str
+    summary: str
+    pipeline: str
+    identity: Literal["embedding", "photos"]
+    tiny: str
+    features: frozenset[str] = field(default_factory=frozenset)
+    options: tuple[Option, ...] = ()
+    load_arguments: dict[str, Any] = field(default_factory=dict)
+    default_model: str | None = None
+    max_images: int | None = None
+    converter: str | None = None
+    bench: str | None = None
+    recipe: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - FEATURES
+        if unknown:
+            raise ValueError(f"method {self.name!r}: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+        if self.identity not in ("embedding", "photos"):
+            raise ValueError(f"method {self.name!r}: identity must be 'embedding' or 'photos', not {self.identity!r}")
+
+    def all_options(self) -> tuple[Option, ...]:
+        """Common options, then each supported feature's, then the method's own."""
+        shared = [o for feature in sorted(self.features) for o in FEATURE_OPTIONS[feature]]
+        return (*COMMON_OPTIONS, *shared, *self.options)
+
+    def supports(self, feature: str) -> bool:
+        if feature not in FEATURES:
+            raise ValueError(f"unknown feature {feature!r}; known: {sorted(FEATURES)}")
+        return feature in self.features
+
+
+class UnknownMethodError(IdfusionError, ValueError):
+    """A method name that is not registered."""
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add ``spec`` to the registry (every front end picks it up). ``replace`` allows re-registering a name."""
+    if spec.name in _METHODS and not replace:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _METHODS[spec.name] = spec
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    _METHODS.pop(name, None)
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)
+
+
+def methods() -> list[MethodSpec]:
+    return list(_METHODS.values())
+
+
+def methods_with(feature: str) -> list[MethodSpec]:
+    return [spec for spec in _METHODS.values() if spec.supports(feature)]
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def resolve(reference: str) -> Any:
+    """The object a ``"module:attribute"`` string names (imported now)."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def pipeline_class(method: str) -> type:
+    return resolve(get_method(method).pipeline)
+
+
+def load_pipeline(method: str, model: str | None = None, **kwargs: Any):
+    """``pipeline_class(method).from_pretrained(model, **kwargs)``; ``model=None`` loads the official release."""
+    spec = get_method(method)
+    cls = resolve(spec.pipeline)
+    kwargs = {**spec.load_arguments, **kwargs}
+    return cls.from_pretrained(**kwargs) if model is None else cls.from_pretrained(model, **kwargs)
+
+
+def options_by_flag(specs: Iterable[MethodSpec]) -> dict[str, tuple[Option, list[str]]]:
+    """Each distinct flag of ``specs``, with the methods that take it (one option object per flag)."""
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for spec in specs:
+        for option in spec.all_options():
+            if option.flag in found:
+                found[option.flag][1].append(spec.name)
+            else:
+                found[option.flag] = (option, [spec.name])
+    return found
+
+
+# ---- the built-in methods -------------------------------------------------------------------------------------
+
+_REFERENCE_STRENGTH = Option(
+    "--ref-strength", "reference strength lambda (official 1.2, open 0.85)", values.non_negative_float,
+    "reference_strength", "reference_strength",
+)  # fmt: skip
+_FACE_MODE = Option(
+    "--face-mode", "several photos' face tokens joined (cat, default) or averaged (mean)", choices=("cat", "mean")
+)
+_FEED_SCALE = Option("--feed-scale", "feed adapter multiplier (0.8; 0 = the base model)", values.finite)
+
+register_method(
+    MethodSpec(
+        name="arc2face",
+        title="Arc2Face",
+        summary="an ArcFace embedding in the text-embedding space of SD1.5 (Papantoniou et al., ECCV 2024)",
+        pipeline="idfusion.pipelines.pipeline_arc2face:Arc2FacePipeline",
+        identity="embedding",
+        features=frozenset({"negative_prompt", "base_model", "lora", "controlnet", "lcm"}),
+        default_model="FoivosPar/Arc2Face",
+        tiny="idfusion.testing.tiny_arc2face:write_arc2face",
+        bench="idfusion.bench:ARC2FACE",
+    )
+)
+register_method(
+    MethodSpec(
+        name="adaface",
+        title="AdaFace",
+        summary="a face as subject tokens of any SD1.5 model's prompt, composable with text (Li et al., 2024)",
+        pipeline="idfusion.pipelines.pipeline_adaface:AdaFacePipeline",
+        identity="embedding",
+        features=frozenset({"negative_prompt", "base_model", "lora", "controlnet", "lcm", "styles"}),
+        options=(Option("--id-scale", "identity strength, AdaFace's ID-CFG scale (default 1.0)", values.finite),),
+        default_model="adaface-neurips/adaface-models",
+        tiny="idfusion.testing.make_tiny:write_adaface",
+        converter="idfusion.methods.adaface:convert_adaface_checkpoint",
+    )
+)
+register_method(
+    MethodSpec(
+        name="flashface",
+        title="FlashFace (official)",
+        summary="1-4 reference photos through ReferenceNet reference attention (Zhang et al., 2024)",
+        pipeline="idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
+        identity="photos",
+        features=frozenset({"negative_prompt", "blending"}),
+        options=(
+            Option("--face-box", "face position x1,y1,x2,y2 in [0, 1]", values.face_box, metavar="X1,Y1,X2,Y2"),
+            _REFERENCE_STRENGTH,
+            Option(
+                "--ref-guidance",
+                "reference guidance scale s_r (3.2)",
+                values.non_negative_float,
+                "reference_guidance",
+                "reference_guidance",
+            ),
+            Option(
+                "--ref-guidance-start",
+                "timestep T* at which reference guidance starts (750)",
+                values.non_negative_int,
+                "reference_guidance_start",
+                "reference_guidance_start",
+            ),
+        ),  # fmt: skip
+        load_arguments={"release": "flashface"},
+        default_model="shilongz/FlashFace-SD1.5",
+        tiny="idfusion.testing.tiny_flashface:write_flashface",
+        converter="idfusion.convert.flashface:convert_flashface",
+        bench="idfusion.bench:FLASHFACE",
+    )
+)
+register_method(
+    MethodSpec(
+        name="open-flashface",
+        title="FlashFace (open re-implementation)",
+        summary="IntellectGen's diffusers re-implementation of FlashFace, with its own released weights",
+        pipeline="idfusion.pipelines.pipeline_flashface:FlashFacePipeline",
+        identity="photos",
+        features=frozenset({"negative_prompt", "blending"}),
+        options=(_REFERENCE_STRENGTH,),
+        load_arguments={"release": "open-flashface"},
+        default_model="IntellectGen/FlashFace",
+        tiny="idfusion.testing.tiny_flashface:write_open_flashface",
+    )
+)
+register_method(
+    MethodSpec(
+        name="fact",
+        title="FaceChain-FACT",
+        summary="a face adapter at the UNet's cross-attention sites, with styles, pose and fixed templates",
+        pipeline="idfusion.pipelines.pipeline_fact:FactPipeline",
+        identity="photos",
+        features=frozenset({"negative_prompt", "base_model", "lora", "styles", "pose", "templates"}),
+        options=(
+            Option("--adapter-scale", "face adapter scale (0.5; 0 = the base model)", values.non_negative_float),
+            Option("--adapter", "majicmix (default), film, or an adapter .ckpt file", target="load"),
+        ),
+        default_model="yucheng1996/FaceChain-FACT",
+        max_images=6,
+        tiny="idfusion.testing.tiny_fact:write_fact",
+        bench="idfusion.bench:FACT",
+    )
+)
+register_method(
+    MethodSpec(
+        name="feedface",
+        title="FeedFace",
+        summary="a feed adapter on UniDiffuser-v1's U-ViT (Xiang et al., ICLR 2024 Tiny Papers)",
+        pipeline="idfusion.pipelines.pipeline_feedface:FeedFacePipeline",
+        identity="photos",
+        options=(_FACE_MODE, _FEED_SCALE),
+        default_model="Xiang-cd/FeedFace",
+        tiny="idfusion.testing.make_tiny:write_feedface",
+        bench="idfusion.bench:FEEDFACE",
+    )
+)
+register_method(
+    MethodSpec(
+        name="feedface-sd15",
+        title="FeedFace on SD1.5",
+        summary="the FeedFace adapter at an SD1.5 UNet's cross-attention sites (no official weights exist)",
+        pipeline="idfusion.pipelines.pipeline_feedface_sd15:FeedFaceSD15Pipeline",
+        identity="photos",
+        features=frozenset({"negative_prompt", "base_model"}),
+        options=(_FACE_MODE, _FEED_SCALE),
+        tiny="idfusion.testing.make_tiny:write_feedface_sd15",
+    )
+)
