@@ -37,3 +37,21 @@ def dlib_analyzer():
     from idfusion.faces import FaceAnalyzer
 
     return FaceAnalyzer("hog", "dlib", dense_landmarks=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """``tiny_release(method)``: the folder of ``method``'s tiny release (seed 0), written once per test session and
+    shared; tests must not change it (copy it first)."""
+    from idfusion.testing import make_tiny
+
+    made: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{method}") / "release"
+            make_tiny(method, folder, seed=0)
+            made[method] = folder
+        return made[method]
+
+    return get

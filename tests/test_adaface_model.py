@@ -44,7 +44,6 @@ from idfusion.serialization import (
     module_state_dict,
     stub_qualified_name,
 )
-from idfusion.testing import make_tiny
 from idfusion.testing.tiny_adaface import V1_RELATIVE_PATH, V2_RELATIVE_PATH, write_tiny_adaface_v1
 
 PFX = "prompt2token_proj.text_model."
@@ -58,10 +57,8 @@ TINY_D, TINY_HEADS, TINY_FFN, TINY_LAYERS, VOCAB = 512, 4, 64, 3, 49408
 
 
 @pytest.fixture(scope="module")
-def tiny_v2(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("adaface") / "v2"
-    make_tiny("adaface", out, seed=0)
-    return out / V2_RELATIVE_PATH
+def tiny_v2(tiny_release) -> Path:
+    return tiny_release("adaface") / V2_RELATIVE_PATH
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,8 @@ from idfusion.outputs import read_generation_metadata
 
 
 @pytest.fixture(scope="module")
-def tiny_adaface(tmp_path_factory):
-    from idfusion.testing import make_tiny
-
-    folder = tmp_path_factory.mktemp("adaface") / "release"
-    make_tiny("adaface", folder)
-    return folder
+def tiny_adaface(tiny_release):
+    return tiny_release("adaface")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,8 @@ def test_offline_cli_path_with_no_other_flags(tmp_path, faces_dir, capsys, monke
     meta = read_generation_metadata(image_path)
     assert meta["method"] == "adaface" and meta["adaface_version"] == "v2"
     assert meta["steps"] == 50 and meta["scheduler"] == "ddim" and meta["guidance_scale"] == 5.0
-    assert meta["composed_prompt"] == "a photo of in a garden " + " ".join(f"z_1_{i}" for i in range(16))
+    joint = [f"z_0_{i}" for i in range(4)] + [f"z_1_{i}" for i in range(16)]  # the v2 default: both encoders
+    assert meta["composed_prompt"] == "a photo of in a garden " + " ".join(joint)
     assert Image.open(image_path).size == (64, 64) and Image.open(sheet_path).width > 64
 
 
@@ -61,13 +58,17 @@ def test_prompt_embeddings_match_an_independent_reference(pipe, tiny_adaface):
     by 16 rows set to the ada embeddings (no added tokens, no resizing, no prompt rewriting involved)."""
     from transformers import CLIPTextModel
 
-    from idfusion.prompt_encoders import encode_text, inject_token_embeddings
+    from idfusion.prompt_encoders import inject_token_embeddings
 
     identity, _ = pipe.prepare_id_embeds(id_embeds=IDENTITY)
     ada = pipe.ada_embeddings(identity)
-    tokens = pipe.install_subject_tokens(ada)
-    composed = pipe.compose_prompt("a photo of z at the beach", tokens)
-    ours = encode_text(pipe.text_encoder, pipe.tokenizer, [composed])
+    groups = pipe.adaface.joint_subject_tokens(consistentid=False)
+    tokens = [t for group in groups for t in group]
+    composed = pipe.compose_prompt("a photo of z at the beach", groups)
+    table = pipe.text_encoder.get_input_embeddings().weight.clone()
+    ours = pipe.encode_composed(composed, tokens, ada)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)  # the table is never edited
+    assert len(pipe.tokenizer) == 49408  # nor the pipeline's tokenizer
 
     fresh = CLIPTextModel.from_pretrained(tiny_adaface / "models/stable-diffusion-v1-5/text_encoder")
     words = pipe.tokenizer("a photo of at the beach", add_special_tokens=False).input_ids  # v2 drops only "z"
@@ -86,8 +87,10 @@ def test_contracts_same_seed_faces_batch(pipe, faces_dir):
     a = pipe(faces=faces_dir / "obama.jpg", seed=1, num_inference_steps=3, output_type="np")
     b = pipe(faces=faces_dir / "obama.jpg", seed=1, num_inference_steps=3, output_type="np")
     c = pipe(id_embeds=face.embedding, seed=1, num_inference_steps=3, output_type="np")
+    d = pipe(faces=faces_dir / "obama.jpg", seed=1, num_inference_steps=3, output_type="np", arc2face_only=True)
     np.testing.assert_array_equal(_images(a), _images(b))
-    np.testing.assert_array_equal(_images(a), _images(c))
+    assert np.abs(_images(a) - _images(c)).max() > 1e-3  # photos run both v2 encoders; an embedding, Arc2Face's
+    np.testing.assert_array_equal(_images(c), _images(d))
     batch = pipe(id_embeds=IDENTITY, seed=20, num_images_per_prompt=2, num_inference_steps=2, output_type="np")
     singles = [pipe(id_embeds=IDENTITY, seed=s, num_inference_steps=2, output_type="np") for s in (20, 21)]
     np.testing.assert_allclose(_images(batch), np.concatenate([_images(s) for s in singles]), atol=1e-4)
@@ -104,18 +107,26 @@ def test_identity_and_id_scale_change_the_image(pipe):
 
 
 def test_sampling_is_plain_diffusers_on_the_composed_prompt(pipe):
-    """After the subject tokens are installed, AdaFace is the base model's own StableDiffusionPipeline."""
+    """Given the composed prompt's embeddings, AdaFace samples as the base model's own StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
+
+    from idfusion.prompt_encoders import encode_text
 
     ours = pipe(id_embeds=IDENTITY, prompt="a photo of z", negative_prompt="", seed=3, num_inference_steps=2,
                 output_type="np")  # fmt: skip
+    identity, _ = pipe.prepare_id_embeds(id_embeds=IDENTITY)
+    groups = pipe.adaface.joint_subject_tokens(consistentid=False)
+    composed = ours.metadata[0]["composed_prompt"]
+    assert composed == pipe.compose_prompt("a photo of z", groups)
+    embeds = pipe.encode_composed(composed, [t for g in groups for t in g], pipe.ada_embeddings(identity))
     plain = StableDiffusionPipeline(
         pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.scheduler, None, None,
         requires_safety_checker=False,
     )  # fmt: skip
     plain.set_progress_bar_config(disable=True)
-    reference = plain(ours.metadata[0]["composed_prompt"], negative_prompt="", num_inference_steps=2,
-                      guidance_scale=5.0, generator=torch.Generator().manual_seed(3), output_type="np")  # fmt: skip
+    reference = plain(prompt_embeds=embeds, negative_prompt_embeds=encode_text(pipe.text_encoder, pipe.tokenizer, [""]),
+                      num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
+                      output_type="np")  # fmt: skip
     np.testing.assert_allclose(_images(ours), reference.images, atol=1e-5)
 
 

@@ -17,12 +17,8 @@ from idfusion.outputs import read_generation_metadata
 
 
 @pytest.fixture(scope="module")
-def tiny_arc2face(tmp_path_factory):
-    from idfusion.testing import make_tiny
-
-    folder = tmp_path_factory.mktemp("arc2face") / "models"
-    make_tiny("arc2face", folder)
-    return folder
+def tiny_arc2face(tiny_release):
+    return tiny_release("arc2face")
 
 
 @pytest.fixture(scope="module")

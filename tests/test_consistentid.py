@@ -63,12 +63,8 @@ EOS = 49407
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory) -> Path:
-    from idfusion.testing import make_tiny
-
-    out = tmp_path_factory.mktemp("adaface_cid") / "release"
-    make_tiny("adaface", out, seed=0)
-    return out
+def release(tiny_release) -> Path:
+    return tiny_release("adaface")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from idfusion.methods import fact
 from idfusion.testing.components import sd15_unet_config, tiny_controlnet, tiny_unet
-from idfusion.testing.make_tiny import make_tiny, tiny_writers
+from idfusion.testing.make_tiny import tiny_writers
 from idfusion.testing.tiny_fact import tiny_fact_adapter_state_dict, tiny_fact_unet_config
 
 # The 16 cross-attention sites of SD1.5 and their widths (spec §2.4).
@@ -387,28 +387,26 @@ def test_controlnet_text_only_processors_ignore_face_tokens():
 
 
 @pytest.fixture(scope="module")
-def tiny_release(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fact") / "release"
-    make_tiny("fact", out, seed=0)
-    return out
+def fact_release(tiny_release):
+    return tiny_release("fact")
 
 
-def test_make_tiny_fact_layout(tiny_release):
+def test_make_tiny_fact_layout(fact_release):
     assert "fact" in tiny_writers()
     for name in (*fact.ADAPTER_FILES.values(), fact.TRANSFACE_FILE, "antelopev2/scrfd_10g_bnkps.onnx"):
-        assert (tiny_release / name).is_file(), name
-    assert (tiny_release / "stable-diffusion-v1-5" / "model_index.json").is_file()
-    raw = torch.load(tiny_release / fact.ADAPTER_FILES["majicmix"], weights_only=True)
+        assert (fact_release / name).is_file(), name
+    assert (fact_release / "stable-diffusion-v1-5" / "model_index.json").is_file()
+    raw = torch.load(fact_release / fact.ADAPTER_FILES["majicmix"], weights_only=True)
     processor_keys = [k for k in raw if "processor" in k]
     assert len(processor_keys) == 16 * 17 and not any(".processor.ln." in k for k in raw)
     resampler_keys = [k for k in raw if k.startswith("local_fac_prj.")]
     assert len(resampler_keys) + len(processor_keys) == len(raw)
 
 
-def test_tiny_release_loads_strictly_and_changes_output(tiny_release):
-    unet = UNet2DConditionModel.from_pretrained(tiny_release / "stable-diffusion-v1-5" / "unet").eval()
+def test_tiny_release_loads_strictly_and_changes_output(fact_release):
+    unet = UNet2DConditionModel.from_pretrained(fact_release / "stable-diffusion-v1-5" / "unet").eval()
     base = copy.deepcopy(unet)
-    path = tiny_release / fact.ADAPTER_FILES["film"]
+    path = fact_release / fact.ADAPTER_FILES["film"]
     raw = torch.load(path, weights_only=True)
     resampler, processors, adapter, _ = _load(path, unet)
     assert sorted(processors) == sorted(SD15_SITES)
@@ -421,7 +419,7 @@ def test_tiny_release_loads_strictly_and_changes_output(tiny_release):
     # the relocated norm2 keeps the base model's values
     site = "up_blocks.3.attentions.1.transformer_blocks.0"
     assert torch.equal(processors[site].site.ln.weight, base.get_submodule(site).norm2.weight)
-    encoder = fact.load_transface(tiny_release / fact.TRANSFACE_FILE)
+    encoder = fact.load_transface(fact_release / fact.TRANSFACE_FILE)
     torch.manual_seed(7)
     with torch.no_grad():
         tokens = encoder(fact.preprocess_transface(torch.randint(0, 256, (1, 112, 112, 3), dtype=torch.uint8)))
@@ -500,3 +498,76 @@ def test_transface_loads_strictly(tmp_path):
     torch.save(state, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="senet.2.weight"):
         fact.load_transface(tmp_path / "missing.pt")
+
+
+# ---- precision: TransFace and the resampler stay float32, as the release keeps them -----------------------------
+
+
+def test_casts_keep_transface_and_the_resampler_float32_and_move_the_sites():
+    from idfusion.testing.tiny_fact import TINY_RESAMPLER_CONFIG, tiny_transface
+
+    encoder = tiny_transface(0)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    unet = tiny_unet(seed=1, **tiny_fact_unet_config())
+    adapter = fact.FactFaceAdapter.for_unet(unet, resampler=TINY_RESAMPLER_CONFIG)
+    resampler_before = {k: v.clone() for k, v in adapter.resampler.state_dict().items()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.float16)):
+        cast(encoder)
+        cast(adapter)
+        for key, value in encoder.state_dict().items():
+            assert torch.equal(value, before[key]) and value.dtype == before[key].dtype, key
+        for key, value in adapter.resampler.state_dict().items():
+            assert torch.equal(value, resampler_before[key]), key
+        assert {p.dtype for p in adapter.sites.parameters()} != {torch.float32}  # the sites do follow
+    assert encoder.feature[1].num_batches_tracked.dtype == torch.long  # integer buffers are left alone
+    tokens = fact.encode_face_tokens(encoder, adapter.resampler, torch.zeros(1, 112, 112, 3, dtype=torch.uint8))
+    assert tokens.dtype == torch.float32
+
+
+def _linear_output_dtypes(encoder, pixels):
+    dtypes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        for m in encoder.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            out = encoder(pixels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, set(dtypes)
+
+
+def _crops():
+    crops = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return fact.preprocess_transface(crops)
+
+
+def test_transface_runs_in_float32_off_cuda():
+    """The release wraps TransFace's qkv, projection and MLP in ``torch.cuda.amp.autocast(True)``; off CUDA that
+    context does nothing, so everything is float32."""
+    from idfusion.testing.tiny_fact import tiny_transface
+
+    out, dtypes = _linear_output_dtypes(tiny_transface(0), _crops())
+    assert out.dtype == torch.float32 and dtypes == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the release's autocast applies on CUDA only")
+def test_transface_autocasts_its_linear_layers_on_cuda():
+    """On CUDA the linear layers run in float16 (the release's autocast), the attention softmax, residual stream and
+    final LayerNorm in float32; the weights stay float32. ``autocast_dtype=None`` runs all of it in float32."""
+    from idfusion.testing.tiny_fact import tiny_transface
+
+    encoder = tiny_transface(0)
+    cpu, _ = _linear_output_dtypes(encoder, _crops())
+    encoder.cuda()
+    gpu, dtypes = _linear_output_dtypes(encoder, _crops().cuda())
+    assert gpu.dtype == torch.float32 and dtypes == {torch.float16}
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=3e-2, rtol=3e-2)
+    encoder.autocast_dtype = None
+    exact, dtypes = _linear_output_dtypes(encoder, _crops().cuda())
+    assert dtypes == {torch.float32}
+    torch.testing.assert_close(exact.cpu(), cpu, atol=1e-2, rtol=1e-2)  # cuDNN may use TF32 for the patch conv

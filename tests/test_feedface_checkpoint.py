@@ -145,6 +145,31 @@ def test_full_size_autoencoder_and_caption_decoder_structure() -> None:
     assert list(official)[-4:] == [f"module.{p}_prefix.{w}" for p in ("encode", "decode") for w in ("weight", "bias")]
 
 
+def test_full_size_uvit_map_is_written_once_and_read_both_ways() -> None:
+    """One table from the model's keys: each block's ``qkv`` fuses ``to_q, to_k, to_v`` in row order, the only copies
+    are :data:`UNUSED_DIFFUSERS_KEYS`, and the key functions of both directions agree with it."""
+    from diffusers import UniDiffuserModel
+
+    with torch.device("meta"):
+        model = UniDiffuserModel(**ckpt.UVIT_V1_CONFIG)
+    table = ckpt.uvit_key_map(model.state_dict())
+    blocks = {f"in_blocks.{i}": f"transformer.transformer_in_blocks.{i}" for i in range(BLOCKS)}
+    blocks |= {"mid_block": "transformer.transformer_mid_block"}
+    blocks |= {f"out_blocks.{i}": f"transformer.transformer_out_blocks.{i}.block" for i in range(BLOCKS)}
+    assert {official: keys for official, keys in table.groups.items() if table.split_count(official) > 1} == {
+        f"{block}.attn.qkv.weight": tuple(f"{prefix}.attn1.to_{n}.weight" for n in "qkv")
+        for block, prefix in blocks.items()
+    }
+    assert {k for k, slot in table.slots.items() if slot.copy} == set(ckpt.UNUSED_DIFFUSERS_KEYS)
+    assert set(table.groups) == set(ckpt.official_uvit_keys())
+    for official in ckpt.official_uvit_keys():
+        target = ckpt.uvit_key_to_diffusers(official)
+        if table.split_count(official) > 1:
+            assert target is None, official
+        else:
+            assert table.groups[official][0] == target and ckpt.diffusers_key_to_uvit(target) == official
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tiny files: layout, round trips, loading
 # --------------------------------------------------------------------------------------------------------------------
@@ -185,6 +210,26 @@ def test_official_to_diffusers_to_official_is_exact(base_dir: Path, file: str, f
     again = backward(forward(official))
     assert list(again) == list(official)
     for key, value in official.items():
+        assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("file", "forward", "backward"),
+    [
+        (ckpt.UVIT_FILE, ckpt.convert_uvit_state_dict, ckpt.uvit_to_official_state_dict),
+        (ckpt.AUTOENCODER_FILE, ckpt.convert_autoencoder_state_dict, ckpt.autoencoder_to_official_state_dict),
+        (
+            ckpt.CAPTION_DECODER_FILE,
+            ckpt.convert_caption_decoder_state_dict,
+            ckpt.caption_decoder_to_official_state_dict,
+        ),
+    ],
+)
+def test_diffusers_to_official_to_diffusers_is_exact(base_dir: Path, file: str, forward, backward) -> None:
+    model = forward(load(base_dir / file))
+    again = forward(backward(model))
+    assert again.keys() == model.keys()
+    for key, value in model.items():
         assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
 
 

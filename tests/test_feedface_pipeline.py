@@ -10,12 +10,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    from idfusion.testing import make_tiny
-
-    folder = tmp_path_factory.mktemp("feedface")
-    make_tiny("feedface", folder)
-    return folder
+def release(tiny_release):
+    return tiny_release("feedface")
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +24,10 @@ def pipe(release):
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
+def sd15(tiny_release):
     from idfusion.pipelines import FeedFaceSD15Pipeline
-    from idfusion.testing import make_tiny
 
-    folder = tmp_path_factory.mktemp("feedface-sd15")
-    make_tiny("feedface-sd15", folder)
+    folder = tiny_release("feedface-sd15")
     pipe = FeedFaceSD15Pipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -50,7 +44,7 @@ def test_release_loads_and_defaults(pipe, release, faces_dir):
     meta = out.metadata[0]
     assert out.images[0].size == (64, 64)  # the tiny U-ViT's 8x8 latent
     assert meta["method"] == "feedface" and meta["feed_scale"] == 0.8 and meta["face_mode"] == "cat"
-    assert meta["scheduler"] == "dpm++-3s" and meta["guidance_scale"] == 6.0 and meta["seed"] == 3
+    assert meta["scheduler"] == "feedface-dpm" and meta["guidance_scale"] == 6.0 and meta["seed"] == 3  # the release's
     assert out.references[0].shape == (224, 224, 3)
     hooked = [name for name, module in pipe.unet.named_modules() if module._forward_hooks]
     assert len(hooked) == 14

@@ -10,6 +10,7 @@ definitions, on the official-named tensors) and comparing them with the converte
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import os
 import shutil
@@ -62,10 +63,8 @@ def official_rows() -> list[tuple[str, tuple[int, ...]]]:
 
 
 @pytest.fixture(scope="module")
-def official_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("flashface") / "cache"
-    make_tiny("flashface", folder, seed=0)
-    return folder
+def official_dir(tiny_release) -> Path:
+    return tiny_release("flashface")
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +392,33 @@ def test_full_size_vae_mapping():
     assert {k: tuple(v.shape) for k, v in ckpt.vae_to_flashface(vae).items()} == shapes
 
 
+def test_full_size_text_and_vae_maps_are_written_once_and_read_both_ways():
+    """One table per map, from the model's keys: the fused tensors are exactly the declared ``to_qkv`` groups (q, k,
+    v in row order), and official -> model -> official gives back every key and shape, in order."""
+    with torch.device("meta"):
+        text = build_text_encoder(sd15_text_encoder_config())
+        vae = build_vae(sd15_vae_config())
+    table = ckpt.flashface_text_key_map(official_state_dict(text))
+    assert {official: keys for official, keys in table.groups.items() if len(keys) > 1} == {
+        f"textual.transformer.{i}.attn.to_qkv.{p}": tuple(f"text_model.encoder.layers.{i}.self_attn.{n}_proj.{p}"
+                                                          for n in "qkv")
+        for i in range(12) for p in ("weight", "bias")
+    }  # fmt: skip
+    table = ckpt.flashface_vae_key_map(vae.state_dict())
+    assert {official: keys for official, keys in table.groups.items() if len(keys) > 1} == {
+        f"{side}.middle.1.to_qkv.{p}": tuple(f"{side}.mid_block.attentions.0.to_{n}.{p}" for n in "qkv")
+        for side in ("encoder", "decoder") for p in ("weight", "bias")
+    }  # fmt: skip
+
+    text_shapes, vae_shapes = official_text_shapes(), official_vae_shapes()
+    again = ckpt.text_encoder_to_flashface(
+        ckpt.convert_flashface_text_encoder({k: _meta(s) for k, s in text_shapes.items()}), _meta((768, 768))
+    )
+    assert [(k, tuple(v.shape)) for k, v in again.items()] == list(text_shapes.items())
+    again = ckpt.vae_to_flashface(ckpt.convert_flashface_vae({k: _meta(s) for k, s in vae_shapes.items()}))
+    assert [(k, tuple(v.shape)) for k, v in again.items()] == list(vae_shapes.items())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The tiny official release
 # --------------------------------------------------------------------------------------------------------------------
@@ -637,6 +663,46 @@ def test_dropped_clip_keys_are_the_documented_ones(tiny_state):
     assert len(converted) == 4 + 16 * 2  # embeddings, final norm, 16 per layer
 
 
+def _identical(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], v) and a[k].dtype == v.dtype for k, v in b.items())
+
+
+def test_text_and_vae_round_trips_are_bit_identical_both_ways(tiny_state, official_parts):
+    """official -> modules -> official and modules -> official -> modules, through the one map of each: a second
+    hand-written direction that drifted from the first would break one of them."""
+    clip, vae = tiny_state["clip"], tiny_state["vae"]
+    textual = {k: v for k, v in clip.items() if k.startswith("textual.")}
+    again = ckpt.text_encoder_to_flashface(ckpt.convert_flashface_text_encoder(clip), clip["textual.head"])
+    assert list(again) == list(textual) and _identical(again, textual)
+    again = ckpt.vae_to_flashface(ckpt.convert_flashface_vae(vae))
+    assert list(again) == list(vae) and _identical(again, vae)
+
+    text = official_state_dict(official_parts["text_encoder"])
+    again = ckpt.convert_flashface_text_encoder(ckpt.text_encoder_to_flashface(official_parts["text_encoder"]))
+    assert again.keys() == text.keys() and _identical(again, text)
+    model = official_parts["vae"].state_dict()
+    again = ckpt.convert_flashface_vae(ckpt.vae_to_flashface(official_parts["vae"]))
+    assert again.keys() == model.keys() and _identical(again, model)
+
+
+def test_unet_round_trip_is_bit_identical_in_the_official_order(tiny_state):
+    state = tiny_state["unet"]
+    with torch.device("meta"):
+        main, refnet, reference = build_flashface_models(tiny_flashface_unet_config(), OFFICIAL)
+    ckpt.convert_flashface_unets(state, main, refnet, reference)
+    # ref_middle.* is dropped on loading (never executed): hand its own weights back for the file to be whole
+    layout = ckpt.UNetLayout.from_config(main.config)
+    ref_middle = copy.deepcopy(refnet.mid_block)
+    ref_middle.load_state_dict(
+        {
+            k: state["ref_" + ckpt.diffusers_unet_key_to_flashface(f"mid_block.{k}", layout)]
+            for k in ref_middle.state_dict()
+        }
+    )
+    again = ckpt.flashface_unets_state_dict(main, refnet, reference, ref_middle=ref_middle)
+    assert list(again) == list(state) and _identical(again, state)
+
+
 def test_missing_and_unreadable_files(official_dir, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -676,7 +742,7 @@ def test_converted_folder_round_trip_is_bit_identical(official_parts, tmp_path):
     assert index["reference_attention"] == ["idfusion.methods.flashface", "FlashFaceReferenceAttention"]
     assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 5
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["_class_name"] == "DDIMScheduler"
+    assert scheduler["_class_name"] == "FlashFaceDDIMScheduler"  # the release's own DDIM rule (fidelity item 5)
     assert {k: scheduler[k] for k in ("beta_schedule", "beta_start", "beta_end", "timestep_spacing", "steps_offset",
                                       "clip_sample", "set_alpha_to_one", "prediction_type")} == {
         "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "trailing",
@@ -691,6 +757,7 @@ def test_converted_folder_round_trip_is_bit_identical(official_parts, tmp_path):
     assert all(".attn_ref." not in k for k in loaded.unet.state_dict())  # the UNet is a plain diffusers UNet
     assert loaded.tokenizer("a photo").input_ids == official_parts["tokenizer"]("a photo").input_ids
     assert loaded.scheduler.config.timestep_spacing == "trailing"
+    assert type(loaded.scheduler).__name__ == "FlashFaceDDIMScheduler"
 
     half = FlashFacePipeline.from_pretrained(out, torch_dtype=torch.float16)
     assert half.unet.dtype == torch.float16 and half.text_encoder.dtype == torch.float16

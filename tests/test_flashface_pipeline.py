@@ -97,10 +97,11 @@ def test_blend_weights_change_the_output_continuously(official):
 
 def test_face_box_steers_and_zero_box_means_none(official):
     latents = torch.randn(1, 4, 28, 28, generator=torch.Generator().manual_seed(3))
-    free = _run(official, reference_latents=latents)
-    np.testing.assert_array_equal(free, _run(official, reference_latents=latents, face_box=[0, 0, 0, 0]))
+    free = _run(official, reference_latents=latents, face_box=[0, 0, 0, 0])  # all zeros: anywhere
     boxed = _run(official, reference_latents=latents, face_box=[0.3, 0.1, 0.6, 0.4])
     assert np.abs(boxed - free).max() > 1e-3
+    # no box given: the official demo's default box [0.3, 0.1, 0.6, 0.4]
+    np.testing.assert_array_equal(_run(official, reference_latents=latents), boxed)
     mask = ff.face_position_mask([0.25, 0.5, 0.5, 0.625], 64, 64)
     assert mask.shape == (1, 1, 8, 8)
     # square of side max(16, 8) = 16 px at (16, 32): latent rows 4..5, columns 2..3
@@ -184,13 +185,11 @@ def test_offline_cli_path_with_no_other_flags(method, tmp_path, faces_dir, capsy
     assert meta["method"] == method and meta["num_references"] == 1 and meta["steps"] == 3
 
 
-def test_cli_blend_weights_box_and_errors(tmp_path, faces_dir, capsys):
+def test_cli_blend_weights_box_and_errors(tmp_path, faces_dir, capsys, tiny_release):
     from idfusion.cli.main import main
     from idfusion.outputs import read_generation_metadata
-    from idfusion.testing import make_tiny
 
-    model = tmp_path / "model"
-    make_tiny("flashface", model)
+    model = tiny_release("flashface")
     base = ["generate", "--method", "flashface", "--model", str(model), "--steps", "2", "--out", str(tmp_path / "o"),
             "--no-contact-sheet", "--detector", "hog"]  # fmt: skip
     two = ["--face", f"{faces_dir / 'obama.jpg'}:0.7", "--face", f"{faces_dir / 'tom_hanks_aligned_112.png'}:0.3"]
@@ -208,14 +207,12 @@ def test_cli_blend_weights_box_and_errors(tmp_path, faces_dir, capsys):
     assert "expected x1,y1,x2,y2 with each value in [0, 1]" in capsys.readouterr().err
 
 
-def test_save_load_and_convert_give_the_same_images(tmp_path, capsys):
+def test_save_load_and_convert_give_the_same_images(tmp_path, capsys, tiny_release):
     """Official files, the `idfusion convert` output, and save_pretrained -> from_pretrained: the same pixels."""
     from idfusion.cli.main import main
     from idfusion.pipelines import FlashFacePipeline
-    from idfusion.testing import make_tiny
 
-    official_dir = tmp_path / "cache"
-    make_tiny("flashface", official_dir)
+    official_dir = tiny_release("flashface")
     latents = torch.randn(2, 4, 28, 28, generator=torch.Generator().manual_seed(9))
 
     def images(folder):
@@ -243,14 +240,12 @@ def test_the_fallback_without_log_sum_exp_gives_the_same_images(official, monkey
     np.testing.assert_allclose(split, direct, atol=1e-5)
 
 
-def test_regenerate_from_png(tmp_path, faces_dir, capsys):
+def test_regenerate_from_png(tmp_path, faces_dir, capsys, tiny_release):
     from PIL import Image
 
     from idfusion.cli.main import main
-    from idfusion.testing import make_tiny
 
-    model = tmp_path / "model"
-    make_tiny("open-flashface", model)
+    model = tiny_release("open-flashface")
     common = ["--model", str(model), "--face", str(faces_dir / "obama.jpg"), "--no-contact-sheet"]
     assert main(["generate", "--method", "open-flashface", "--steps", "2", "--seed", "6", "--out",
                  str(tmp_path / "a"), "--ref-strength", "0.7", *common]) == 0  # fmt: skip

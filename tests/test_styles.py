@@ -432,3 +432,70 @@ def test_cli_errors_are_one_line(cli, tmp_path, capsys):
     bad = write(tmp_path / "bad.toml", style_toml(name="x", prompt="{subject}", wieght=1))
     assert cli(["styles", "--styles", str(bad)]) == 1
     assert "bad.toml: style 'x': unknown key 'wieght'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FaceChain's own style files
+
+# The release's prompt templates (facechain/constants.py), written out here independently of idfusion.styles
+RELEASE_WITH_STYLE = (
+    "{}, upper_body, raw photo, masterpiece, solo, medium shot, high detail face, photorealistic, best quality"
+)
+RELEASE_WITH_CLOTH = (
+    "raw photo, masterpiece, chinese, {}, solo, medium shot, high detail face, looking straight into the camera with "
+    "shoulders parallel to the frame, photorealistic, best quality"
+)
+
+
+def facechain_json(path: Path, **fields) -> Path:
+    data = {"name": "Test(Test)", "img": "./style_image/x.jpg", "model_id": None, "revision": None,
+            "bin_file": None, "multiplier_style": 0.35, "multiplier_human": 0.95, "add_prompt_style": "x"}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**data, **fields}, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_facechain_style_files_compose_the_release_prompts_and_loras(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    with_lora = facechain_json(
+        tmp_path / "MajicmixRealistic_v6" / "Rainy_Night.json", name="雨夜(Rainy night)", model_id="someone/rain_lora",
+        revision="v1.0.0", bin_file="rain.safetensors", multiplier_style=0.4, add_prompt_style="1girl, rain, night",
+    )  # fmt: skip
+    cloth = facechain_json(
+        tmp_path / "leosamsMoonfilm_filmGrain20" / "T-shirt.json", add_prompt_style="wearing T-shirt, plain backdrop"
+    )
+    # the release: trigger + [age] + pos_prompt_with_style / _with_cloth of add_prompt_style
+    subject = "a handsome man, 25-year-old, "
+    style = styles.load_facechain_style(with_lora)
+    assert style.name == "rainy-night" and style.title == "雨夜(Rainy night)"
+    assert style.format_prompt(subject) == subject + RELEASE_WITH_STYLE.format("1girl, rain, night")
+    assert (style.lora, style.lora_file, style.lora_revision, style.lora_hub) == (
+        "someone/rain_lora", "rain.safetensors", "v1.0.0", "modelscope",
+    )  # fmt: skip
+    assert style.weight == 0.4 and style.base_model == "majicmix" and style.negative_prompt is None
+    plain = styles.resolve_style(str(cloth))  # a .json path works wherever a style is named
+    assert plain.name == "t-shirt"
+    assert plain.format_prompt(subject) == subject + RELEASE_WITH_CLOTH.format("wearing T-shirt, plain backdrop")
+    assert plain.format_prompt(None) == "a person, " + RELEASE_WITH_CLOTH.format("wearing T-shirt, plain backdrop")
+    # a style without a LoRA brings the release's default style LoRA, at its multiplier, on the film base
+    assert (plain.lora, plain.lora_revision, plain.lora_file) == (
+        "Cherrytest/zjz_mj_jiyi_small_addtxt_fromleo", "v1.0.0", "zjz_mj_jiyi_small_addtxt_fromleo.safetensors",
+    )  # fmt: skip
+    assert plain.weight == 0.35 and plain.base_model == "film"
+    assert [s.name for s in styles.load_facechain_styles(tmp_path / "MajicmixRealistic_v6")] == ["rainy-night"]
+    with pytest.raises(StyleError, match="add_prompt_style"):
+        styles.load_facechain_style(write(tmp_path / "bad.json", '{"multiplier_style": 0.3}'))
+    with pytest.raises(StyleError, match="not found"):
+        styles.resolve_style(str(tmp_path / "missing.json"))
+
+
+def test_facechain_default_lora_is_found_in_a_folder_or_the_modelscope_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    name = "zjz_mj_jiyi_small_addtxt_fromleo.safetensors"
+    assert styles.facechain_default_lora_path(tmp_path / "release") is None
+    cached = write(tmp_path / "ms" / "models" / "Cherrytest" / "zjz_mj_jiyi_small_addtxt_fromleo" / name, "x")
+    assert styles.facechain_default_lora_path(tmp_path / "release", None) == cached
+    nested = write(tmp_path / "release" / "zjz_mj_jiyi_small_addtxt_fromleo" / name, "x")
+    assert styles.facechain_default_lora_path(tmp_path / "release") == nested
+    top = write(tmp_path / "release" / name, "x")
+    assert styles.facechain_default_lora_path(tmp_path / "release") == top

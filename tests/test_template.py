@@ -1,9 +1,14 @@
-"""The fixed-template flow: face selection, crop geometry, exact paste-back, and the whole flow with a fake inpainter."""
+"""The fixed-template flow: face selection, crop geometry, exact paste-back, and the whole flow with a fake inpainter.
+
+The release's rules (``facechain/inference_inpaint_fact.py``: ``segment``, the Canny condition, the face selection
+and black-out of ``GenPortrait_inpaint.__call__``) are checked against independent computations written here."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
+import cv2
 import numpy as np
 import PIL.Image
 import pytest
@@ -54,6 +59,40 @@ class SolidInpaint:
         return PIL.Image.new("RGB", crop.image.size, self.colour)
 
 
+def square_dilate(mask: np.ndarray, side: int) -> np.ndarray:
+    """Independent reference of ``cv2.dilate(mask, np.ones((side, side)))`` (anchor ``side // 2``; side 0 = 3x3)."""
+    side = 3 if side == 0 else side
+    low, high = -(side - 1 - side // 2), side // 2
+    src = np.pad(np.asarray(mask) > 0, side)
+    out = np.zeros_like(src)
+    for dy in range(low, high + 1):
+        for dx in range(low, high + 1):
+            out |= np.roll(src, (dy, dx), axis=(0, 1))  # the padding keeps the roll from wrapping
+    return out[side:-side, side:-side].astype(np.float32)
+
+
+def release_segment(face_region: np.ndarray, *, ksize: float, eyeh: int, ksize1: float = 0.0, warp_mask=None):
+    """The release's ``segment`` on a face region: grow by a square kernel of side int(sqrt(area) * ksize1), then
+    below the eye row ``eyeh`` by one of side int(sqrt(area of that) * ksize), limited to (mask | warp_mask)."""
+    mask = face_region.astype(np.float32)
+    if ksize1 > 0:
+        mask = square_dilate(mask, int(np.sqrt(mask.sum()) * ksize1))
+    if ksize > 0:
+        wide = square_dilate(mask, int(np.sqrt(mask.sum()) * ksize))
+        if warp_mask is not None:
+            wide = wide * np.clip(mask + warp_mask, 0, 1)
+        mask = np.concatenate([mask[:eyeh], wide[eyeh:]]) if eyeh > 0 else wide
+    return mask
+
+
+def tilted(face: Face, degrees: float) -> Face:
+    """``face`` turned about its box centre (image coordinates)."""
+    centre = (face.bbox[:2] + face.bbox[2:]) / 2
+    angle = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], dtype=np.float32)
+    return dataclasses.replace(face, landmarks=((face.landmarks - centre) @ rotation.T + centre).astype(np.float32))
+
+
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -61,13 +100,31 @@ def _digest(path) -> str:
 # --- selection -------------------------------------------------------------------------------------------------
 
 
-def test_selection_is_left_to_right_by_box_centre():
+def test_selection_is_left_to_right_by_box_left_edge():
     faces = [make_face(500, 100), make_face(100, 300), make_face(300, 50, size=400)]
     assert select_template_faces(faces, "all", "t.jpg") == [1, 2, 0]
     assert select_template_faces(faces, 0, "t.jpg") == [1]
     assert select_template_faces(faces, 2, "t.jpg") == [0]
     assert select_template_faces(faces, -1, "t.jpg") == [0]
     assert select_template_faces(faces, np.int64(1), "t.jpg") == [2]
+
+
+def test_selection_keeps_the_num_faces_largest_ordered_by_left_edge():
+    # the release: argsort(areas)[::-1][:num_faces], then argsort of the boxes' left edges (not their centres)
+    faces = [make_face(260, 100, size=60), make_face(300, 300, size=400), make_face(150, 100, size=80)]
+    lefts = [float(f.bbox[0]) for f in faces]  # 230, 100, 110: centres 260, 300, 150 would order them 2, 0, 1
+    assert select_template_faces(faces, "all", "t.jpg") == sorted(range(3), key=lambda i: lefts[i]) == [1, 2, 0]
+    largest = sorted(range(3), key=lambda i: -faces[i].area)[:2]
+    assert select_template_faces(faces, "all", "t.jpg", num_faces=2) == sorted(largest, key=lambda i: lefts[i])
+    assert select_template_faces(faces, "all", "t.jpg", num_faces=2) == [1, 2]
+    assert select_template_faces(faces, 1, "t.jpg", num_faces=2) == [2]
+    assert select_template_faces(faces, 0, "t.jpg", num_faces=1) == [1]
+    with pytest.raises(FaceIndexError, match="num_faces is 4, but the template has 3 face"):
+        select_template_faces(faces, 0, "t.jpg", num_faces=4)
+    with pytest.raises(FaceIndexError, match="kept"):
+        select_template_faces(faces, 2, "t.jpg", num_faces=2)
+    with pytest.raises(ValueError, match="num_faces"):
+        select_template_faces(faces, 0, "t.jpg", num_faces=0)
 
 
 def test_selection_errors_name_the_template_and_the_count():
@@ -150,28 +207,52 @@ def test_paste_back_is_exact_where_alpha_is_zero():
     assert np.array_equal(paste_back(template, result, (200, 200, 300, 300), mask), template)
 
 
-def test_inpaint_mask_grows_only_below_the_eyes():
-    face = make_face(256, 256, size=300)
-    base = face_mask(face, (512, 512), dilation=0.04)
-    mask = inpaint_mask(face, (512, 512))
-    eye_y = int(face.landmarks[0, 1])
-    assert np.array_equal(mask[: eye_y - 1], base[: eye_y - 1])
-    assert np.all(mask >= base) and mask[eye_y + 1 :].sum() > base[eye_y + 1 :].sum() * 1.1
+@pytest.mark.parametrize("degrees", [0.0, 20.0])
+def test_inpaint_mask_is_the_release_rule(degrees):
+    """Stage B's repaint mask: ``segment(ksize=0.1, ksize1=0.04, eyeh=int(mean eye y))`` on the face region, with the
+    eye line an image row even for a tilted face."""
+    face = tilted(make_face(256, 256, size=300), degrees)
+    shape = (512, 512)
+    region = face_mask(face, shape, dilation=0.0)
+    eyeh = int((face.landmarks[0, 1] + face.landmarks[1, 1]) / 2)
+    expected = release_segment(region, ksize=0.1, ksize1=0.04, eyeh=eyeh)
+    mask = inpaint_mask(face, shape)
+    assert mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, expected)
+    grown = release_segment(region, ksize=0.0, ksize1=0.04, eyeh=eyeh)
+    assert np.array_equal(mask[:eyeh], grown[:eyeh]) and mask[eyeh:].sum() > grown[eyeh:].sum() * 1.05
+    # smaller than the old rule, which used the fraction as a radius: face_mask(dilation=0.04) is already larger
+    # than the release's whole first step
+    assert face_mask(face, shape, dilation=0.04).sum() > grown.sum()
+    # the warped generated face limits the growth below the eyes; idfusion's tilted eye line is an option
+    limit = np.zeros(shape, np.float32)
+    limit[:, :256] = 1.0
+    np.testing.assert_array_equal(
+        inpaint_mask(face, shape, limit=limit),
+        release_segment(region, ksize=0.1, ksize1=0.04, eyeh=eyeh, warp_mask=limit),
+    )
+    rows = np.nonzero((inpaint_mask(face, shape, eye_line="tilted") != mask).any(axis=1))[0]
+    assert set(rows) <= {eyeh} if degrees == 0.0 else len(rows) > 10  # upright: the same line (but its own row)
+    with pytest.raises(ValueError, match="eye_line"):
+        inpaint_mask(face, shape, eye_line="diagonal")
 
 
-def test_canny_condition_removes_the_face(faces_dir, analyzer):
+def test_canny_condition_is_the_release_rule(faces_dir, analyzer):
+    """Stage B's Canny condition: ``cv2.Canny(crop, 100, 200)`` of the RGB crop, times ``1 - segment(ksize=0.05,
+    eyeh)`` (the face grown below the eye row only), as three channels."""
     pixels = load_image(faces_dir / "obama.jpg").array
     (face,) = analyzer.analyze(pixels)
     box = square_crop_box(face)
     crop = PIL.Image.fromarray(crop_with_padding(pixels, box, 512))
     local = crop_face(face, box, 512)
-    region = face_mask(local, (512, 512), dilation=0.0) > 0
+    edges = cv2.Canny(np.asarray(crop), 100, 200)
+    eyeh = int((local.landmarks[0, 1] + local.landmarks[1, 1]) / 2)
+    removed = release_segment(face_mask(local, (512, 512), dilation=0.0), ksize=0.05, eyeh=eyeh)
+    expected = np.stack([(edges * (1.0 - removed)).astype(np.uint8)] * 3, axis=-1)
     full, masked = np.asarray(canny_condition(crop)), np.asarray(canny_condition(crop, local))
-    assert full.shape == masked.shape == (512, 512, 3)
-    assert full[region].any() and not masked[region].any()
-    # edges outside the removed region (face, grown below the eyes) are all kept: hair, ears, collar
-    removed = inpaint_mask(local, (512, 512), dilation=0.0, below_eyes_dilation=0.05) > 0
-    assert np.array_equal(masked[~removed], full[~removed]) and masked[~removed].sum() > 0
+    np.testing.assert_array_equal(full, np.stack([edges] * 3, axis=-1))
+    np.testing.assert_array_equal(masked, expected)
+    assert full[removed > 0].any() and masked[removed == 0].sum() > 0  # hair, ears and collar edges are kept
 
 
 # --- the flow ----------------------------------------------------------------------------------------------------
@@ -287,6 +368,36 @@ def test_touching_faces_protect_each_other():
     result = np.asarray(out.image)
     assert tuple(result[155, 150]) == tuple(result[155, 235]) == GREEN
     assert not out.masks[0][100:200, 185:285].any() and not out.masks[1][100:200, 100:200].any()
+
+
+def test_the_other_kept_faces_are_blacked_out_in_the_crop_being_inpainted():
+    """The release blacks out the boxes (truncated to integers) of the other ``num_faces`` template faces in the
+    picture it crops and inpaints; faces beyond ``num_faces`` are left as they are."""
+    rng = np.random.default_rng(3)
+    template = rng.integers(1, 256, size=(300, 400, 3), dtype=np.uint8)  # no zeros: black-out is visible
+    chosen = make_face(150.4, 150.2, size=70)  # crop side round(70 / 0.7) = 100 = the work size: no resize
+    bigger = make_face(230.6, 150.3, size=90)  # kept (one of the 2 largest), its box reaches into the crop
+    smaller = make_face(95.3, 150.1, size=40)  # not kept, also inside the crop
+    analyzer = FaceAnalyzer(FixedDetector([bigger, chosen, smaller]), None, crops=())
+    inpaint = SolidInpaint()
+    out = TemplatePortrait(inpaint, analyzer=analyzer, num_faces=2, work_size=100)(template, face_index=0)
+    (crop,) = inpaint.calls
+    assert crop.index == 0 and np.allclose(out.faces[0].bbox, chosen.bbox)
+    seen = template.copy()
+    x1, y1, x2, y2 = (int(v) for v in bigger.bbox)
+    seen[y1:y2, x1:x2] = 0
+    x0, y0, x1, y1 = square_crop_box(chosen)
+    assert (x1 - x0, y1 - y0) == (100, 100)
+    np.testing.assert_array_equal(np.asarray(crop.image), seen[y0:y1, x0:x1])
+    # the not-kept face shows in the crop; nothing outside the chosen face's paste mask changed
+    sx1, sy1, sx2, sy2 = (int(v) for v in smaller.bbox)
+    np.testing.assert_array_equal(np.asarray(crop.image)[sy1 - y0 : sy2 - y0, : sx2 - x0], template[sy1:sy2, x0:sx2])
+    result = np.asarray(out.image)
+    np.testing.assert_array_equal(result[out.masks[0] == 0], template[out.masks[0] == 0])
+    # black_out_others=False shows the kept faces as they are (idfusion's option)
+    inpaint = SolidInpaint()
+    TemplatePortrait(inpaint, analyzer=analyzer, num_faces=2, work_size=100, black_out_others=False)(template)
+    np.testing.assert_array_equal(np.asarray(inpaint.calls[0].image), template[y0:y1, x0:x1])
 
 
 def test_face_near_the_border_and_five_point_masks(faces_dir):

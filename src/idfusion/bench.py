@@ -171,7 +171,7 @@ def _arc2face(components: dict, scheduler: str):
 def flashface_full_size(components: dict):
     """A random FlashFace (official) pipeline at full size sharing the benchmark's VAE and text encoder."""
     if components.get("_flashface") is None:
-        from diffusers import DDIMScheduler
+        import copy
 
         from . import sd15
         from .convert.flashface import flashface_scheduler_config
@@ -188,9 +188,12 @@ def flashface_full_size(components: dict):
         main, refnet, reference = build_flashface_models({**config, "norm_eps": 1e-6}, OFFICIAL)
         for module in (main, refnet, reference):
             module.to(device=unet.device, dtype=unet.dtype).eval().requires_grad_(False)
+        from .schedulers import FlashFaceDDIMScheduler
+
+        # the release's own DDIM and VAE attention layout (set on a copy: the SD1.5 baseline keeps diffusers' VAE)
         pipe = FlashFacePipeline(
-            components["vae"], components["text_encoder"], components["tokenizer"], main, refnet,
-            DDIMScheduler.from_config(flashface_scheduler_config(OFFICIAL)), reference,
+            copy.deepcopy(components["vae"]), components["text_encoder"], components["tokenizer"], main, refnet,
+            FlashFaceDDIMScheduler.from_config(flashface_scheduler_config(OFFICIAL)), reference,
         )  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         components["_flashface"] = pipe

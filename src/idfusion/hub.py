@@ -80,9 +80,10 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", text)) or "\\" in text
 
 
-def _check_local_folder(folder: Path, required: list[list[str]], what: str) -> Path:
+def _check_local_folder(folder: Path, required: list[list[str]], what: str, source: str | None = None) -> Path:
+    advice = f"\nThe files are published {source}." if source else ""
     if not folder.exists():
-        raise ModelFilesError(f"{what} model folder not found: {folder.absolute()}")
+        raise ModelFilesError(f"{what} model folder not found: {folder.absolute()}{advice}")
     if not folder.is_dir():
         raise ModelFilesError(f"{what} model path {folder} is a file; expected a folder holding the model files")
     missing = _missing(folder, required)
@@ -90,7 +91,7 @@ def _check_local_folder(folder: Path, required: list[list[str]], what: str) -> P
         lines = "\n".join(f"  {_describe(alts)}" for alts in missing)
         raise ModelFilesError(
             f"{what} model folder {folder} is missing {len(missing)} of the {len(required)} required files "
-            f"(paths relative to the folder):\n{lines}"
+            f"(paths relative to the folder):\n{lines}{advice}"
         )
     return folder
 
@@ -136,10 +137,23 @@ def _hub_failure(error: BaseException) -> str:
 
 
 def _not_available(
-    what: str, repo_id: str, revision: str | None, required: list[list[str]], reason: str, offline: bool
+    what: str,
+    repo_id: str,
+    revision: str | None,
+    required: list[list[str]],
+    reason: str,
+    offline: bool,
+    source: str | None = None,
 ) -> ModelFilesError:
-    url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     files = "\n".join(f"  {_describe(alts)}" for alts in required)
+    if source is not None:  # not a Hugging Face repo: the method's one place to get it
+        return ModelFilesError(
+            f"{what} model files for {repo_id!r} are not available: {reason}.\n"
+            f"Files needed (relative to the model folder):\n{files}\n"
+            f"They are published {source}: download them into a folder, keeping these relative paths, and pass "
+            "the folder with --model DIR (model=DIR in Python)."
+        )
+    url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     cache = hf_cache_dir()
     download = f"hf download {repo_id} " + " ".join(alts[0] for alts in required)
     if revision:
@@ -169,6 +183,7 @@ def resolve_model_folder(
     allow_patterns: Sequence[str] | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
+    source: str | None = None,
 ) -> Path:
     """Find a folder that holds a model's files: a local folder as given, or a Hub repo from cache or download.
 
@@ -180,6 +195,8 @@ def resolve_model_folder(
         allow_patterns: what to download from a repo (glob patterns); defaults to exactly the required files.
         local_files_only: ``True`` never downloads; ``None``/``False`` download unless ``HF_HUB_OFFLINE`` is set.
         revision: branch, tag or commit of the repo (``None``: ``main``); ignored for local folders.
+        source: where the files are published when that is not the Hugging Face Hub (for example "on ModelScope
+            (owner/name, revision v1)"): nothing is downloaded, and the message names this one source.
 
     Returns:
         The folder (for a repo, its snapshot folder in the Hugging Face cache).
@@ -198,7 +215,7 @@ def resolve_model_folder(
     if isinstance(model, os.PathLike) or _looks_like_path(text) or folder.exists():
         if revision is not None:
             logger.debug("revision %r ignored for local folder %s", revision, folder)
-        return _check_local_folder(folder, needed, what)
+        return _check_local_folder(folder, needed, what, source)
 
     repo_id = text.strip()
     if not _REPO_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
@@ -213,6 +230,8 @@ def resolve_model_folder(
         logger.debug("%s: using cached snapshot %s", what, cached)
         return cached
 
+    if source is not None:
+        raise _not_available(what, repo_id, revision, needed, "there is no such local folder", False, source)
     offline = bool(local_files_only) or is_offline()
     if offline:
         reason = (

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write_bytes
 from .errors import ImageReadError, ImageTooLargeError, NotAnImageError
 
 __all__ = [
@@ -185,23 +185,6 @@ def load_image(
         raise ImageReadError(label, f"corrupt or truncated image ({error})") from error
     image = ImageOps.exif_transpose(image) or image
     return LoadedImage(np.ascontiguousarray(np.asarray(to_rgb(image))), label)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_image(path: str | os.PathLike, image: np.ndarray | Image.Image, **png_info: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -28,8 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
 
 from . import __version__
+from .atomic import atomic_write_bytes, publish_new
 from .errors import IdfusionError, ImageReadError, ImageTooLargeError, NotAnImageError
-from .images import DEFAULT_MAX_PIXELS, atomic_write_bytes, load_image, to_rgb
+from .images import DEFAULT_MAX_PIXELS, load_image, to_rgb
 
 __all__ = [
     "METADATA_KEY",
@@ -37,10 +39,13 @@ __all__ = [
     "SAMPLER_NAMES",
     "MetadataError",
     "parameters_text",
+    "generated_png",
     "save_generated_image",
+    "save_new_generated_image",
     "read_generation_metadata",
     "encode_array",
     "decode_array",
+    "next_output_index",
     "output_paths",
     "contact_sheet",
     "file_sha256",
@@ -218,22 +223,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def save_generated_image(path: str | os.PathLike, image: Image.Image, metadata: Mapping[str, Any]) -> Path:
-    """Write ``image`` as a PNG carrying ``metadata``, atomically (readers never see a half-written file).
-
-    Args:
-        path: destination; parent folders are created. The file is always PNG, whatever the suffix says.
-        image: the image (a numpy ``uint8`` array is accepted too).
-        metadata: JSON-serialisable dict (numpy scalars/arrays and paths are converted); stored losslessly in the
-            compressed ``idfusion`` iTXt chunk, and as A1111 text in the ``parameters`` chunk.
-
-    Returns:
-        The path written.
-
-    Raises:
-        TypeError: a metadata value is not JSON-serialisable.
-        ValueError: the metadata holds NaN/infinity, or is too large for PNG readers to accept.
-    """
+def generated_png(image: Image.Image, metadata: Mapping[str, Any]) -> bytes:
+    """PNG bytes of ``image`` carrying ``metadata`` (see :func:`save_generated_image`)."""
     try:
         payload = json.dumps(
             dict(metadata), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
@@ -254,7 +245,48 @@ def save_generated_image(path: str | os.PathLike, image: Image.Image, metadata: 
         pil = to_rgb(pil)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", pnginfo=info)
-    written = atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_generated_image(path: str | os.PathLike, image: Image.Image, metadata: Mapping[str, Any]) -> Path:
+    """Write ``image`` as a PNG carrying ``metadata``, atomically (readers never see a half-written file).
+
+    Args:
+        path: destination; parent folders are created. The file is always PNG, whatever the suffix says.
+        image: the image (a numpy ``uint8`` array is accepted too).
+        metadata: JSON-serialisable dict (numpy scalars/arrays and paths are converted); stored losslessly in the
+            compressed ``idfusion`` iTXt chunk, and as A1111 text in the ``parameters`` chunk.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: a metadata value is not JSON-serialisable.
+        ValueError: the metadata holds NaN/infinity, or is too large for PNG readers to accept.
+        OutputError: the file cannot be written.
+    """
+    written = atomic_write_bytes(path, generated_png(image, metadata))
+    logger.debug("wrote %s", written)
+    return written
+
+
+def save_new_generated_image(
+    out_dir: str | os.PathLike,
+    stem: str,
+    image: Image.Image,
+    metadata: Mapping[str, Any],
+    *,
+    suffix: str = "",
+    start: int | None = None,
+) -> Path:
+    """Like :func:`save_generated_image`, under a new name ``<stem>_NNNN<suffix>.png`` reserved atomically.
+
+    The index starts after the highest one in use (:func:`next_output_index`, or ``start``) and moves on past any
+    name another process takes meanwhile, so concurrent runs into one folder never overwrite each other.
+    """
+    first = next_output_index(out_dir, stem) if start is None else int(start)
+    names = (Path(out_dir) / f"{stem}_{index:04d}{suffix}.png" for index in itertools.count(first))
+    written = publish_new(names, generated_png(image, metadata))
     logger.debug("wrote %s", written)
     return written
 
@@ -350,15 +382,11 @@ def decode_array(s: str) -> np.ndarray:
 # ---- file names ----------------------------------------------------------------------------------------------
 
 
-def output_paths(out_dir: str | os.PathLike, stem: str, count: int) -> list[Path]:
-    """``count`` new PNG paths ``<stem>_<index>.png`` in ``out_dir`` that do not overwrite any existing file.
+def next_output_index(out_dir: str | os.PathLike, stem: str) -> int:
+    """The first index after every ``<stem>_<index>.*`` or ``<stem>_<index>_*`` file in ``out_dir`` (0 if none).
 
-    Indices are zero-padded to 4 digits and continue after the highest index already used by a ``<stem>_<index>.*``
-    or ``<stem>_<index>_*`` file (such as a contact sheet written beside the images), so later runs never replace earlier outputs (and never fill gaps, which would break sorting by time). The
-    folder need not exist yet. Concurrent runs into one folder should use different stems.
+    Later runs continue after earlier outputs (never filling gaps, which would break sorting by time).
     """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
     if not stem or Path(stem).name != stem or stem in (".", ".."):
         raise ValueError(f"stem must be a plain file name without folders, got {stem!r}")
     out_dir = Path(out_dir)
@@ -369,7 +397,19 @@ def output_paths(out_dir: str | os.PathLike, stem: str, count: int) -> list[Path
             match = pattern.fullmatch(entry.name)
             if match:
                 start = max(start, int(match.group(1)) + 1)
-    return [out_dir / f"{stem}_{index:04d}.png" for index in range(start, start + count)]
+    return start
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str, count: int) -> list[Path]:
+    """``count`` PNG paths ``<stem>_<index>.png`` in ``out_dir`` after every index in use (:func:`next_output_index`).
+
+    A scan, not a reservation: to write without ever overwriting, even with concurrent writers, use
+    :func:`save_new_generated_image`.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    start = next_output_index(out_dir, stem)
+    return [Path(out_dir) / f"{stem}_{index:04d}.png" for index in range(start, start + count)]
 
 
 # ---- contact sheet -------------------------------------------------------------------------------------------

@@ -9,13 +9,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "tokenize_prompts",
     "ARC2FACE_PROMPT",
     "ARC2FACE_PLACEHOLDER",
     "inject_token_embeddings",
@@ -117,9 +121,24 @@ def encode_arcface_id_prompt(
         return text_encoder(input_ids.to(device))[0]
 
 
+def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """``(N, L)`` CLIP input ids padded and cut to the tokenizer's length (77), as every SD1.5 pipeline does; a
+    prompt that is cut logs a warning saying how many tokens were dropped and where the cut falls."""
+    length = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > length:
+            kept = tokenizer.decode(ids[1 : length - 1]).strip()
+            logger.warning(
+                "the prompt is %d tokens; the text encoder reads %d, so it is cut after ...%r",
+                len(ids), length, kept[-40:],
+            )  # fmt: skip
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def encode_text(text_encoder: torch.nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
     """Ordinary CLIP prompt encoding, ``(N, 77, D)`` ``last_hidden_state`` (no clip-skip), as SD1.5 pipelines do."""
-    input_ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    input_ids = tokenize_prompts(tokenizer, prompts)
     return text_encoder(input_ids.to(text_encoder.device))[0]

@@ -12,6 +12,7 @@ Every reference to code is a ``"module:attribute"`` string, imported on first us
 from __future__ import annotations
 
 import importlib
+import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -262,7 +263,17 @@ def load_pipeline(method: str, model: str | None = None, **kwargs: Any):
     spec = get_method(method)
     cls = resolve(spec.pipeline)
     kwargs = {**spec.load_arguments, **kwargs}
-    return cls.from_pretrained(**kwargs) if model is None else cls.from_pretrained(model, **kwargs)
+    try:
+        return cls.from_pretrained(**kwargs) if model is None else cls.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:
+        from .serialization import model_load_error
+
+        if isinstance(error, IdfusionError):
+            raise
+        clear = model_load_error(model, error)
+        if clear is None:
+            raise
+        raise clear from error
 
 
 def options_by_flag(specs: Iterable[MethodSpec]) -> dict[str, tuple[Option, list[str]]]:
@@ -309,7 +320,20 @@ register_method(
         pipeline="idfusion.pipelines.pipeline_adaface:AdaFacePipeline",
         identity="embedding",
         features=frozenset({"negative_prompt", "base_model", "lora", "controlnet", "lcm", "styles"}),
-        options=(Option("--id-scale", "identity strength, AdaFace's ID-CFG scale (default 1.0)", values.finite),),
+        options=(
+            Option("--id-scale", "identity strength: the Arc2Face branch's ID-CFG scale (default 1.0)", values.finite),
+            Option(
+                "--arc2face-only",
+                "v2: the Arc2Face branch alone (default: ConsistentID + Arc2Face, as released)",
+                kind="flag",
+            ),
+            Option("--consistentid-scale", "v2: the ConsistentID branch's ID-CFG scale (default 6.0)", values.finite),
+            Option(
+                "--face-preprocessing",
+                "how faces are found: idfusion (largest face) or official (padded 512)",
+                choices=("idfusion", "official"),
+            ),
+        ),  # fmt: skip
         default_model="adaface-neurips/adaface-models",
         tiny="idfusion.testing.make_tiny:write_adaface",
         converter="idfusion.methods.adaface:convert_adaface_checkpoint",
@@ -373,6 +397,22 @@ register_method(
         options=(
             Option("--adapter-scale", "face adapter scale (0.5; 0 = the base model)", values.non_negative_float),
             Option("--adapter", "majicmix (default), film, or an adapter .ckpt file", target="load"),
+            Option(
+                "--prompt-wording",
+                "default prompts: the release's word for word (default) or idfusion's",
+                choices=("release", "idfusion"),
+            ),
+            Option(
+                "--default-lora",
+                "the release's default style LoRA where the style has none: auto (default: "
+                "text-to-image only, as the release), on, off",
+                choices=("auto", "on", "off"),
+            ),
+            Option(
+                "--style-base",
+                "tie (default: a style runs only with its own base model's adapter, as the release) or any",
+                choices=("tie", "any"),
+            ),
         ),
         default_model="yucheng1996/FaceChain-FACT",
         max_images=6,

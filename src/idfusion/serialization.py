@@ -38,7 +38,7 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -610,3 +610,74 @@ def rebuild_position_ids(module: torch.nn.Module) -> None:
         owner = module.get_submodule(owner_name)
         persistent = attr not in owner._non_persistent_buffers_set
         owner.register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=persistent)
+
+
+# ---- naming what went wrong when a model folder does not load ----------------------------------------------------
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Globals torch's weights-only loader accepts (tensor rebuilds and containers); anything else is what it refused.
+_TORCH_SAFE_MODULES = ("torch", "collections", "_codecs", "builtins")
+
+
+def _pickle_globals(data: bytes) -> Iterator[str]:
+    """The ``module.name`` globals a pickle refers to, read with :mod:`pickletools` (nothing is executed)."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                yield str(arg).replace(" ", ".")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                yield f"{strings[-2]}.{strings[-1]}"
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a truncated or corrupt pickle: report what was read so far
+        return
+
+
+def _pickle_payload(path: Path) -> bytes:
+    if _is_torch_zip(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return archive.read(name) if name else b""
+    with open(path, "rb") as handle:
+        return handle.read(1 << 24)  # the pickle of a legacy file comes first; its globals are near the start
+
+
+def refused_global(path: str | os.PathLike[str]) -> str | None:
+    """The first global of a pickled checkpoint that torch's weights-only loader refuses, or None."""
+    try:
+        payload = _pickle_payload(Path(path))
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    return next((g for g in _pickle_globals(payload) if not g.startswith(_TORCH_SAFE_MODULES)), None)
+
+
+def model_load_error(model: str | os.PathLike[str] | None, error: BaseException) -> Exception | None:
+    """A clear, typed error for a model folder that diffusers or transformers failed to load, or None.
+
+    Recognises a truncated or corrupt weights file (named by the library's message) and a pickled file that
+    torch's weights-only loader refused (found in ``model`` and named with the refused global), so the user sees
+    the file and the reason instead of the library's advice to disable the safety check.
+    """
+    import re
+
+    from .errors import ModelFilesError
+
+    text = str(error)
+    named = re.search(r"checkpoint file for '([^']+)'", text)
+    refused = isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in text
+    if named and not refused:
+        return ModelFilesError(f"{named[1]}: truncated or corrupt weights file; download it again")
+    if not refused:
+        return None
+    candidates = [Path(named[1])] if named else []
+    if model is not None and Path(model).is_dir():
+        candidates += sorted(p for p in Path(model).rglob("*") if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    for path in candidates:
+        name = refused_global(path)
+        if name is not None:
+            return UnsafeCheckpointError(path, name)
+    where = f"{named[1]}: " if named else (f"{model}: " if model else "")
+    return ModelFilesError(f"{where}a pickled weights file was refused by the safe loader; nothing was executed")

@@ -22,6 +22,12 @@ The catalogue (:func:`style_catalogue`) is the built-in examples (``idfusion/dat
 a later definition of a name replaces an earlier one. :func:`load_style_lora` puts a style's LoRA into a diffusers
 pipeline through diffusers/peft; ``pipe.unload_lora_weights()`` (or :func:`unload_style_lora`) restores the base
 weights bit for bit.
+
+FaceChain's own style files (``styles/<base model>/<Style>.json`` in the official repository) load as they are
+(:func:`load_facechain_style`, or a ``.json`` path wherever a style is named), with the release's rules: the prompt
+is ``pos_prompt_with_style`` around the style text for a style with a LoRA and ``pos_prompt_with_cloth`` for one
+without (:func:`facechain_prompt`), a style without a LoRA brings the release's default style LoRA
+(:data:`FACECHAIN_DEFAULT_LORA`) at its ``multiplier_style``, and the folder names the base model.
 """
 
 from __future__ import annotations
@@ -44,6 +50,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LORA_FILE",
+    "FACECHAIN_BASE_MODELS",
+    "FACECHAIN_DEFAULT_LORA",
+    "FACECHAIN_PROMPT_WITH_CLOTH",
+    "FACECHAIN_PROMPT_WITH_STYLE",
+    "facechain_default_lora_path",
+    "facechain_prompt",
+    "load_facechain_style",
+    "load_facechain_styles",
     "DEFAULT_SUBJECT",
     "STYLES_ENV",
     "Style",
@@ -71,6 +85,25 @@ DEFAULT_LORA_FILE = "pytorch_lora_weights.safetensors"
 MAX_WEIGHT = 2.0
 SUBJECT_SLOT = "{subject}"
 LORA_HUBS = ("huggingface", "modelscope")
+
+#: FaceChain's prompt templates (``facechain/constants.py``), ``{}`` being the style text: for a style with its own
+#: LoRA, and for a style without one ("cloth" styles). The release prefixes its subject ("a handsome man, ").
+FACECHAIN_PROMPT_WITH_STYLE = (
+    "{}, upper_body, raw photo, masterpiece, solo, medium shot, high detail face, photorealistic, best quality"
+)
+FACECHAIN_PROMPT_WITH_CLOTH = (
+    "raw photo, masterpiece, chinese, {}, solo, medium shot, high detail face, looking straight into the camera "
+    "with shoulders parallel to the frame, photorealistic, best quality"
+)
+#: FaceChain's style folders and the base model (FACT adapter name) each stands for (``app.py`` styles loader).
+FACECHAIN_BASE_MODELS = {"leosamsMoonfilm_filmGrain20": "film", "MajicmixRealistic_v6": "majicmix"}
+#: The style LoRA FaceChain-FACT merges when a style has none (``inference_fact.py`` L456-460), on ModelScope:
+#: ``(repo, revision, file)``.
+FACECHAIN_DEFAULT_LORA = (
+    "Cherrytest/zjz_mj_jiyi_small_addtxt_fromleo",
+    "v1.0.0",
+    "zjz_mj_jiyi_small_addtxt_fromleo.safetensors",
+)
 
 _NAME = re.compile(r"[a-z0-9]+(?:[-_][a-z0-9]+)*")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -505,8 +538,9 @@ def resolve_style(
     """A style by catalogue name, or from a style file.
 
     Args:
-        name_or_file: a catalogue name (``"cheongsam"``), a ``.toml`` file holding exactly one style, or
-            ``FILE.toml:NAME`` to pick one style of a file.
+        name_or_file: a catalogue name (``"cheongsam"``), a ``.toml`` file holding exactly one style,
+            ``FILE.toml:NAME`` to pick one style of a file, or a FaceChain style ``.json`` file
+            (:func:`load_facechain_style`).
         extra_paths: more style files or folders for the catalogue (see :func:`style_catalogue`).
 
     Returns:
@@ -517,6 +551,8 @@ def resolve_style(
             invalid file, or a file with several styles and no ``:NAME``.
     """
     text = os.fspath(name_or_file)
+    if isinstance(text, str) and text.lower().endswith(".json"):
+        return load_facechain_style(Path(text).expanduser())
     split = _split_file_name(text) if isinstance(text, str) else None
     if split is None and isinstance(name_or_file, os.PathLike):
         split = (text, None)
@@ -539,6 +575,100 @@ def resolve_style(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# FaceChain's own style files
+
+
+def facechain_prompt(style_text: str, has_lora: bool) -> str:
+    """The prompt FaceChain makes of a style (``app.py`` / ``run_inference.py`` ``generate_pos_prompt``), with the
+    subject slot where the release puts its subject prefix: ``"{subject}, "`` + :data:`FACECHAIN_PROMPT_WITH_STYLE`
+    (a style with its own LoRA) or :data:`FACECHAIN_PROMPT_WITH_CLOTH` (one without), filled with ``style_text``.
+
+    ``Style.format_prompt("a handsome man, 25-year-old, ")`` of it is the release's text exactly.
+    """
+    template = FACECHAIN_PROMPT_WITH_STYLE if has_lora else FACECHAIN_PROMPT_WITH_CLOTH
+    return SUBJECT_SLOT + ", " + template.format(style_text)
+
+
+def _slug(text: str) -> str:
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def load_facechain_style(path: str | os.PathLike[str]) -> Style:
+    """A FaceChain style file (``styles/<base model folder>/<Style>.json`` of the official repository) as a
+    :class:`Style`, by the release's rules.
+
+    * name: the file name as a slug (``Cheongsam.json`` -> ``"cheongsam"``); title: the file's ``name``;
+    * prompt: :func:`facechain_prompt` of ``add_prompt_style`` (the style template with a LoRA, the cloth template
+      without);
+    * LoRA: ``model_id`` / ``bin_file`` / ``revision`` on ModelScope at ``multiplier_style``; a style without one
+      gets :data:`FACECHAIN_DEFAULT_LORA` at ``multiplier_style``, which the release merges for it;
+    * base model: the folder (:data:`FACECHAIN_BASE_MODELS`); the release runs every style without a LoRA on the
+      film base (``app.py`` ``launch_pipeline``);
+    * no negative prompt: the release's is the method's default.
+
+    Raises:
+        StyleError: the file is missing, not JSON, or lacks a key.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StyleError(f"{path}: style file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StyleError(f"{path}: not a FaceChain style file (JSON): {error}") from None
+    if not isinstance(data, Mapping):
+        raise StyleError(f"{path}: not a FaceChain style file: expected a JSON object")
+    for key in ("add_prompt_style", "multiplier_style"):
+        if key not in data:
+            raise StyleError(f"{path}: FaceChain style file without {key!r}")
+    has_lora = data.get("model_id") is not None
+    if has_lora:
+        lora, revision, lora_file = data["model_id"], data.get("revision"), data.get("bin_file")
+        base_model = FACECHAIN_BASE_MODELS.get(path.parent.name)
+    else:
+        lora, revision, lora_file = FACECHAIN_DEFAULT_LORA
+        base_model = "film"
+    title = data.get("name")
+    return Style(
+        name=_slug(path.stem) or "facechain-style",
+        prompt=facechain_prompt(str(data["add_prompt_style"]), has_lora),
+        title=str(title) if title is not None else None,
+        lora=lora,
+        lora_file=lora_file,
+        lora_hub="modelscope",
+        lora_revision=revision,
+        weight=data["multiplier_style"],
+        base_model=base_model,
+        description="FaceChain style file",
+        source=path,
+    )
+
+
+def load_facechain_styles(folder: str | os.PathLike[str]) -> list[Style]:
+    """Every FaceChain style file (``*.json``) of a folder, sorted by file name, as the release lists them."""
+    return [load_facechain_style(p) for p in sorted(Path(folder).glob("*.json")) if p.is_file()]
+
+
+def facechain_default_lora_path(*folders: str | os.PathLike[str] | None) -> Path | None:
+    """The release's default style LoRA file (:data:`FACECHAIN_DEFAULT_LORA`), if it is here: in one of ``folders``
+    (as ``<file>`` or ``<repo name>/<file>``), else in the ModelScope cache; ``None`` when absent (idfusion never
+    downloads from ModelScope)."""
+    repo, revision, filename = FACECHAIN_DEFAULT_LORA
+    for folder in folders:
+        if folder is None:
+            continue
+        for candidate in (Path(folder) / filename, Path(folder) / repo.split("/")[1] / filename):
+            if candidate.is_file():
+                return candidate
+    try:
+        return _modelscope_file(repo, filename, revision, "FaceChain default style LoRA")
+    except ModelFilesError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # A style as a pre-step of any SD1.5-family call: the prompt it makes, and the LoRA it brings
 
 
@@ -551,6 +681,7 @@ class StyledPrompt:
     negative_prompt: str | None
     lora: tuple[str, float] | None
     metadata: dict[str, Any]
+    style: Style | None = None
 
 
 def apply_style(
@@ -591,7 +722,7 @@ def apply_style(
     negative = negative_prompt if negative_prompt is not None else style.negative_prompt
     lora = (str(path), float(weight)) if path is not None else None
     metadata = {"style": style.name, "style_weight": float(weight) if lora else None}
-    return StyledPrompt(text, negative, lora, metadata)
+    return StyledPrompt(text, negative, lora, metadata, style)
 
 
 def load_style_lora(

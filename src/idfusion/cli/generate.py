@@ -12,7 +12,7 @@ from typing import Any
 
 from .argtypes import arg_type, positive_int, seed
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")  # idfusion.jobs.DTYPES (not imported: --help stays light)
 
 
 def add_option(parser, option) -> None:
@@ -77,6 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
     parser.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE.png", help="make an idfusion PNG again")
     parser.add_argument("--no-contact-sheet", action="store_true", help="do not write the contact sheet")
+    parser.add_argument(
+        "--allow-large", action="store_true",
+        help="lift the limits on --steps (1000), --width/--height (4096) and --num-images (64)",
+    )  # fmt: skip
     add_method_options(parser, methods())
     parser.set_defaults(run=run)
 
@@ -88,15 +92,23 @@ def _weighted_face(value: str) -> tuple[str, float]:
 
 
 def _given(args: argparse.Namespace, option) -> bool:
-    return getattr(args, option.dest, None) not in (None, False, [])
+    from ..jobs import given
+
+    return given(getattr(args, option.dest, None))
 
 
 def _apply_metadata(args: argparse.Namespace, meta: dict, spec) -> None:
     """Fill the options not given on the command line from an image's metadata (the registry says which)."""
     if args.method != meta.get("method"):
         raise ValueError(f"{args.from_image} was made with {meta.get('method')}, not {args.method}")
-    if args.model is None:
-        args.model = meta.get("model")
+    if args.model is None and meta.get("model") is not None:
+        args.model = meta["model"]
+        looks_local = Path(args.model).is_absolute() or args.model.startswith((".", "~")) or args.model.count("/") > 1
+        if looks_local and not Path(args.model).exists():
+            raise ValueError(
+                f"{args.from_image} was made with --model {args.model}, which is not there; pass --model with "
+                "the folder it was made with"
+            )
     for option in spec.all_options():
         key = option.metadata_key
         if not key or _given(args, option) or meta.get(key) is None:
@@ -116,69 +128,64 @@ def _apply_metadata(args: argparse.Namespace, meta: dict, spec) -> None:
 
 
 def device_and_dtype(args: argparse.Namespace):
-    import torch
+    from ..jobs import resolve_device
 
-    device = args.device or "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple's MPS backend is not available on this machine")
-    if not (device == "cpu" or device == "mps" or device.startswith("cuda")):
-        raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return device, dtype
+    return resolve_device(args.device, args.dtype)
 
 
 def check_options(args: argparse.Namespace, spec) -> None:
-    """Refuse options the method does not take, naming the methods that do."""
-    from ..registry import methods, options_by_flag
+    """Refuse options the method does not take, naming the methods that do (:func:`idfusion.jobs.check_job`)."""
+    from ..jobs import check_job
 
-    allowed = {o.flag for o in spec.all_options()}
-    titles = {s.name: s.title for s in methods()}
-    refused = [
-        f"{flag} is an option of {' and '.join(titles[n] for n in names)} (--method {', '.join(names)})"
-        for flag, (option, names) in options_by_flag(methods()).items()
-        if flag not in allowed and _given(args, option)
-    ]
-    if refused:
-        raise ValueError(f"{'; '.join(refused)}, not of {spec.title}")
-    if not spec.supports("blending") and any(w != 1.0 for _, w in args.face):
-        blending = [s.name for s in methods() if s.supports("blending")]
-        raise ValueError(
-            f"face weights (IMAGE:WEIGHT) blend identities in {', '.join(blending)} only, not {spec.name}"
-        )
-    if spec.max_images is not None and (args.num_images or 1) > spec.max_images:
-        raise ValueError(f"--num-images: {spec.title} makes 1 to {spec.max_images} images per request")
+    check_job(_job(args, spec, faces=[p for p, _ in args.face]))
+
+
+def _load_settings(args: argparse.Namespace):
+    from ..jobs import LoadSettings
+
+    return LoadSettings(
+        device=args.device,
+        dtype=args.dtype,
+        face_models=args.face_models,
+        detector=args.detector,
+        cpu_offload=bool(getattr(args, "cpu_offload", False)),
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        attention_slicing=bool(getattr(args, "attention_slicing", False)),
+    )
+
+
+def _job(args: argparse.Namespace, spec, **fields):
+    """The command line as a :class:`~idfusion.jobs.GenerationJob` (every option given, for :func:`check_job`)."""
+    from ..jobs import GenerationJob, given_options
+
+    weights = [w for _, w in args.face]
+    return GenerationJob(
+        method=spec.name,
+        options=given_options(args),
+        face_weights=weights if any(w != 1.0 for w in weights) else None,
+        num_images=args.num_images or 1,
+        seed=args.seed,
+        model=args.model,
+        allow_large=bool(getattr(args, "allow_large", False)),
+        **fields,
+    )
 
 
 def load_configured_pipeline(args: argparse.Namespace, spec, extra_load: dict | None = None):
     """Load ``spec``'s pipeline with the command line's load options, device, memory and face-detector options."""
-    from ..registry import load_pipeline
+    from ..jobs import load_configured
 
-    device, dtype = device_and_dtype(args)
-    if args.cpu_offload and device == "cpu":
-        raise ValueError("--cpu-offload moves models between the CPU and a GPU; give --device cuda (or mps) with it")
-    load_kwargs = {"face_model_dir": args.face_models, **(extra_load or {})}
-    for option in spec.all_options():
-        if option.target == "load" and _given(args, option):
-            load_kwargs[option.call_argument] = getattr(args, option.dest)
-    if dtype is not None:
-        load_kwargs["torch_dtype"] = dtype
-    pipe = load_pipeline(spec.name, args.model, **load_kwargs)
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    if getattr(args, "vae_tiling", False):
-        pipe.vae.enable_tiling()
-    if getattr(args, "attention_slicing", False):
-        pipe.enable_attention_slicing()
-    if args.detector is not None:
-        pipe.configure_face_analysis(detector=args.detector)
-    return pipe
+    load_options = {
+        option.call_argument: getattr(args, option.dest)
+        for option in spec.all_options()
+        if option.target == "load" and _given(args, option)
+    }
+    return load_configured(spec, args.model, _load_settings(args), {**(extra_load or {}), **load_options})
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_output_folder
+    from ..jobs import check_job, run_job
     from ..outputs import decode_array, read_generation_metadata
     from ..registry import get_method, method_names
 
@@ -202,46 +209,29 @@ def run(args: argparse.Namespace) -> int:
     for path in files:
         if path is not None and not Path(path).exists():
             raise ValueError(f"{path}: file not found")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"{args.out}: exists and is not a folder")
-    check_options(args, spec)
-
-    pipe = load_configured_pipeline(args, spec)
-    if meta is not None and meta.get("scheduler_config") and args.scheduler in (None, meta.get("scheduler")):
-        from ..pipelines.scheduling import make_scheduler
-
-        pipe.scheduler = make_scheduler(meta["scheduler"], meta["scheduler_config"])  # exactly the recorded one
-        args.scheduler = None
-
-    call: dict[str, Any] = {"num_images_per_prompt": args.num_images or 1, "seed": args.seed}
-    for option in spec.all_options():
-        if option.target == "call" and _given(args, option):
-            value = getattr(args, option.dest)
-            call[option.call_argument] = str(value) if option.kind == "file" else value
-    if args.face:
-        call["faces"] = [str(p) for p, _ in args.face]
-        if any(w != 1.0 for _, w in args.face):
-            call["face_weights"] = [w for _, w in args.face]
-    else:
-        call["id_embeds"] = id_embeds
-
-    result = pipe(**call)
+    recorded = None
+    if meta is not None and meta.get("scheduler_config"):
+        recorded = (meta["scheduler"], meta["scheduler_config"])  # replayed exactly unless --scheduler differs
+    job = _job(args, spec, faces=[str(p) for p, _ in args.face], id_embeds=id_embeds, recorded_scheduler=recorded)
+    check_job(job)
+    check_output_folder(args.out, _output_bytes(job, sheet=not args.no_contact_sheet))  # before any model loads
+    result = run_job(job, _load_settings(args))
     write_results(result, args.out, args.method, sheet=not args.no_contact_sheet)
     return 0
+
+
+def _output_bytes(job, *, sheet: bool) -> int:
+    """A generous estimate of the bytes a job writes: uncompressed RGB per image (PNG is smaller) and the sheet."""
+    side = 1024  # the largest native size of the registered methods when --width/--height are not given
+    width, height = job.options.get("width") or side, job.options.get("height") or side
+    per_image = width * height * 3 + (1 << 16)  # pixels + metadata
+    return job.num_images * per_image * (2 if sheet else 1)
 
 
 def write_results(result, out_dir: Path, stem: str, *, sheet: bool) -> None:
     """Save each image with its metadata as ``<stem>_NNNN.png`` (never overwriting) and, with ``sheet``, the
     contact sheet beside the first; print every path written."""
-    from ..images import save_image
-    from ..outputs import contact_sheet, output_paths, save_generated_image
+    from ..jobs import save_results
 
-    paths = output_paths(out_dir, stem, len(result.images))
-    for path, image, meta in zip(paths, result.images, result.metadata, strict=True):
-        save_generated_image(path, image, meta)
+    for path in save_results(result, out_dir, stem, sheet=sheet):
         print(path)
-    if sheet:
-        labels = [f"seed {m['seed']}" for m in result.metadata]
-        sheet_path = paths[0].with_name(paths[0].stem + "_sheet.png")
-        save_image(sheet_path, contact_sheet(result.references, result.images, labels=labels))
-        print(sheet_path)

@@ -65,11 +65,23 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _out_of_memory(error: BaseException) -> str:
+    return (
+        "out of memory; make fewer or smaller images at once (--num-images, --width/--height), or use "
+        f"--vae-tiling / --attention-slicing / --cpu-offload ({type(error).__name__})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import IdfusionError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (before a "--"), as the error hint suggests, not only before the subcommand
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    args = parser.parse_args([a for i, a in enumerate(argv) if not (i < end and a == "--debug")])
+    args.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="idfusion: %(levelname)s: %(message)s",
@@ -89,9 +101,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"idfusion {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except MemoryError as error:
+        if args.debug:
+            raise
+        print(f"idfusion {args.command}: error: {_out_of_memory(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # the user's files and disks: name the file and the reason
+        if args.debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"idfusion {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as error:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
+        if type(error).__name__ == "OutOfMemoryError":  # torch's (a RuntimeError), without importing torch here
+            print(f"idfusion {args.command}: error: {_out_of_memory(error)}", file=sys.stderr)
+            return EXIT_ERROR
         print(
             f"idfusion {args.command}: internal error: {type(error).__name__}: {error} "
             "(run with --debug for the traceback)",

@@ -9,16 +9,16 @@ text encoder comes from the Hub (``openai/clip-vit-large-patch14``). Each file i
   ``use_data_type_embedding=True``).
 - ``autoencoder_kl.pth``: the LDM KL-f8 autoencoder (``FrozenAutoencoderKL``: ``ch=128, ch_mult=[1,2,4,4],
   num_res_blocks=2, z_channels=4, embed_dim=4``, scale 0.18215): Stable Diffusion's VAE architecture. Loaded into
-  :class:`~diffusers.AutoencoderKL` (:data:`VAE_CONFIG`) with diffusers' single-file converter.
+  :class:`~diffusers.AutoencoderKL` (:data:`VAE_CONFIG`); the key map is diffusers' LDM naming.
 - ``caption_decoder.pth``: UniDiffuser's GPT-2 caption decoder (``ClipCaptionModel`` saved from a
   ``DataParallel``, so every key starts with ``module.``). Loaded into :class:`~diffusers.UniDiffuserTextDecoder`;
   text-to-image uses only its ``encode_prefix`` (Linear 768 -> 64) on the CLIP text tokens.
 - ``gpt2/``: the Hugging Face ``gpt2`` folder (config and tokenizer files; the weights are overwritten by the
   caption decoder's).
 
-U-ViT key mapping (official -> diffusers), applied by :func:`uvit_key_to_diffusers` (block prefixes
-``in_blocks.i`` -> ``transformer.transformer_in_blocks.i``, ``mid_block`` -> ``transformer.transformer_mid_block``,
-``out_blocks.i`` -> ``transformer.transformer_out_blocks.i.block``):
+U-ViT key mapping (official -> diffusers; block prefixes ``in_blocks.i`` ->
+``transformer.transformer_in_blocks.i``, ``mid_block`` -> ``transformer.transformer_mid_block``, ``out_blocks.i`` ->
+``transformer.transformer_out_blocks.i.block``):
 
 =================================  ===========================================================================
 ``patch_embed.proj``               ``vae_img_in.proj`` (and copied to the unused ``transformer.pos_embed.proj``)
@@ -46,10 +46,13 @@ and FeedFace (4.28) pin, whose loaders require every key of the model (``assert 
 [inferred; diffusers' ``UniDiffuserTextDecoder`` ignores them on load for the same reason]; they are non-persistent
 and rebuilt from ``n_positions`` since. ``clip.*`` keys, which the official loader tolerates, are dropped too.
 
-All converters are strict: every input key is mapped or dropped under a named rule, every parameter of the target
-gets a tensor of the right shape; anything else raises ``ValueError`` listing the offending keys. The ``save_official_*``
-functions write the inverse conversions (diffusers -> the official layout), used to make tiny test checkpoints; the
-round trip official -> diffusers -> official is exact.
+Each key map is written once, as data, in one direction (diffusers key -> official key: :func:`diffusers_key_to_uvit`,
+:func:`diffusers_vae_key_to_ldm`, the caption decoder's rename); a :class:`ModuleKeyMap` applies it to the target
+model's own keys (built on the meta device from the inferred config), and loading reads that table backwards, fused
+and reshaped tensors included. All converters are strict: every input key is mapped or dropped under a named rule,
+every parameter of the target gets a tensor of the right shape; anything else raises ``ValueError`` listing the
+offending keys. The ``save_official_*`` functions write the inverse conversions (diffusers -> the official layout),
+used to make tiny test checkpoints; the round trip official -> diffusers -> official is exact.
 """
 
 from __future__ import annotations
@@ -61,12 +64,15 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelFilesError
 from ..serialization import load_tensor_file
+from .keymap import ModuleKeyMap, Slot
+from .keymap import key_listing as _listing
 
 if TYPE_CHECKING:
     import torch
@@ -79,14 +85,18 @@ __all__ = [
     "CAPTION_EOS_TOKEN",
     "CLIP_TEXT_DIR",
     "GPT2_DIR",
+    "ModuleKeyMap",
     "NUM_TEXT_TOKENS",
+    "Slot",
     "TEXT_DECODER_CONFIG",
     "UNUSED_DIFFUSERS_KEYS",
     "UVIT_FILE",
     "UVIT_HEAD_DIM",
     "UVIT_V1_CONFIG",
     "VAE_CONFIG",
+    "autoencoder_key_map",
     "autoencoder_to_official_state_dict",
+    "caption_decoder_key_map",
     "caption_decoder_to_official_state_dict",
     "convert_autoencoder_state_dict",
     "convert_caption_decoder_state_dict",
@@ -106,6 +116,7 @@ __all__ = [
     "save_official_uvit",
     "text_decoder_config",
     "uvit_config",
+    "uvit_key_map",
     "uvit_key_to_diffusers",
     "uvit_to_official_state_dict",
     "vae_config",
@@ -242,12 +253,6 @@ def text_decoder_config(**overrides: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _listing(keys: set[str] | list[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _check_against(
     converted: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
@@ -300,37 +305,37 @@ def _load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype:
 # U-ViT
 # --------------------------------------------------------------------------------------------------------------------
 
+# The U-ViT map, written once: UniDiffuserModel module -> official module (parameter names are kept). Loading
+# derives the other direction from the model's own keys (uvit_key_map).
 _UVIT_TOP = {
-    "patch_embed.proj.weight": "vae_img_in.proj.weight",
-    "patch_embed.proj.bias": "vae_img_in.proj.bias",
-    "text_embed.weight": "text_in.weight",
-    "text_embed.bias": "text_in.bias",
-    "text_out.weight": "text_out.weight",
-    "text_out.bias": "text_out.bias",
-    "clip_img_embed.weight": "clip_img_in.weight",
-    "clip_img_embed.bias": "clip_img_in.bias",
-    "clip_img_out.weight": "clip_img_out.weight",
-    "clip_img_out.bias": "clip_img_out.bias",
-    "pos_embed": "pos_embed",
-    "pos_embed_token": "data_type_pos_embed_token",
-    "token_embedding.weight": "data_type_token_embedding.weight",
-    "norm.weight": "transformer.norm_out.weight",
-    "norm.bias": "transformer.norm_out.bias",
-    "decoder_pred.weight": "vae_img_out.weight",
-    "decoder_pred.bias": "vae_img_out.bias",
+    "vae_img_in.proj": Slot("patch_embed.proj"),
+    # UNUSED_DIFFUSERS_KEYS: a copy of the patch embedding that UniDiffuserModel never runs
+    "transformer.pos_embed.proj": Slot("patch_embed.proj", copy=True),
+    "text_in": Slot("text_embed"),
+    "text_out": Slot("text_out"),
+    "clip_img_in": Slot("clip_img_embed"),
+    "clip_img_out": Slot("clip_img_out"),
+    "data_type_token_embedding": Slot("token_embedding"),
+    "transformer.norm_out": Slot("norm"),
+    "vae_img_out": Slot("decoder_pred"),
 }
-_UVIT_TOP_INV = {v: k for k, v in _UVIT_TOP.items()}
-# Inside a block: official module -> diffusers module (relative to the block).
-_UVIT_BLOCK = {"norm2": "norm1", "norm3": "norm3", "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj"}
-_UVIT_BLOCK |= {"mlp.fc2": "ff.net.2"}
-_UVIT_BLOCK_INV = {v: k for k, v in _UVIT_BLOCK.items()}
-# Only in out-blocks: relative to ``transformer.transformer_out_blocks.i`` (not its ``.block``).
-_UVIT_SKIP = {"skip_linear": "skip.skip_linear", "norm1": "skip.norm"}
-_UVIT_SKIP_INV = {v: k for k, v in _UVIT_SKIP.items()}
+_UVIT_PARAMS = {"pos_embed": Slot("pos_embed"), "data_type_pos_embed_token": Slot("pos_embed_token")}
+# Inside a block (an in-block, the mid block, an out-block's ``.block``).
+_UVIT_BLOCK = {
+    "norm1": Slot("norm2"),  # post-LN after the attention residual
+    "norm3": Slot("norm3"),
+    # rows [0:C], [C:2C], [2C:3C] of qkv: the official code reads the fused output as (K=3, heads, head_dim)
+    "attn1.to_q": Slot("attn.qkv", (0, 3)),
+    "attn1.to_k": Slot("attn.qkv", (1, 3)),
+    "attn1.to_v": Slot("attn.qkv", (2, 3)),
+    "attn1.to_out.0": Slot("attn.proj"),
+    "ff.net.0.proj": Slot("mlp.fc1"),
+    "ff.net.2": Slot("mlp.fc2"),
+}
+# Only in out-blocks, relative to ``transformer.transformer_out_blocks.i`` (not its ``.block``).
+_UVIT_SKIP = {"skip.skip_linear": Slot("skip_linear"), "skip.norm": Slot("norm1")}
 _QKV = "attn.qkv.weight"
-_QKV_PARTS = ("attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight")
 
-_OFFICIAL_BLOCK_RE = re.compile(r"^(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.(.+)$")
 _DIFFUSERS_BLOCK_RE = re.compile(
     r"^transformer\.(?:transformer_(in)_blocks\.(\d+)|transformer_(mid)_block|transformer_(out)_blocks\.(\d+))\.(.+)$"
 )
@@ -341,54 +346,66 @@ def _split_param(rest: str) -> tuple[str, str] | None:
     return (module, param) if param in ("weight", "bias") and module else None
 
 
-def uvit_key_to_diffusers(key: str) -> str | None:
-    """The ``UniDiffuserModel`` key of an official U-ViT key, or ``None`` if no rule applies.
-
-    ``attn.qkv.weight`` keys map to three keys and are handled by :func:`convert_uvit_state_dict`; they return
-    ``None`` here.
-    """
-    if key in _UVIT_TOP:
-        return _UVIT_TOP[key]
-    match = _OFFICIAL_BLOCK_RE.match(key)
-    if match is None or _split_param(match.group(2)) is None:
+def _uvit_slot(key: str) -> Slot | None:
+    """The U-ViT map, the one direction written: a ``UniDiffuserModel`` key -> its place in ``uvit_v1.pth``."""
+    if key in _UVIT_PARAMS:
+        return _UVIT_PARAMS[key]
+    split = _split_param(key)
+    if split is not None and split[0] in _UVIT_TOP:
+        slot = _UVIT_TOP[split[0]]
+        return slot._replace(key=f"{slot.key}.{split[1]}")
+    match = _DIFFUSERS_BLOCK_RE.match(key)
+    split = _split_param(match.group(6)) if match else None
+    if match is None or split is None:
         return None
-    block, rest = match.groups()
-    module, param = _split_param(rest)
-    kind, _, index = block.partition(".")
-    if kind == "in_blocks":
-        prefix = f"transformer.transformer_in_blocks.{index}"
-    elif kind == "mid_block":
-        prefix = "transformer.transformer_mid_block"
+    in_, in_index, _mid, out, out_index, _ = match.groups()
+    module, param = split
+    if out and module in _UVIT_SKIP:
+        slot = _UVIT_SKIP[module]
+    elif out:
+        slot = _UVIT_BLOCK.get(module.removeprefix("block.")) if module.startswith("block.") else None
     else:
-        prefix = f"transformer.transformer_out_blocks.{index}"
-        if module in _UVIT_SKIP:
-            return f"{prefix}.{_UVIT_SKIP[module]}.{param}"
-        prefix += ".block"
-    return f"{prefix}.{_UVIT_BLOCK[module]}.{param}" if module in _UVIT_BLOCK else None
+        slot = _UVIT_BLOCK.get(module)
+    prefix = f"in_blocks.{in_index}" if in_ else f"out_blocks.{out_index}" if out else "mid_block"
+    return None if slot is None else slot._replace(key=f"{prefix}.{slot.key}.{param}")
 
 
 def diffusers_key_to_uvit(key: str) -> str | None:
-    """The official U-ViT key of a ``UniDiffuserModel`` key, or ``None`` (unused keys, ``to_q/k/v``, unknown)."""
-    if key in _UVIT_TOP_INV:
-        return _UVIT_TOP_INV[key]
-    match = _DIFFUSERS_BLOCK_RE.match(key)
-    if match is None:
-        return None
-    in_, in_index, mid, out, out_index, rest = match.groups()
-    split = _split_param(rest)
-    if split is None:
-        return None
-    module, param = split
-    if out:
-        prefix = f"out_blocks.{out_index}"
-        if module in _UVIT_SKIP_INV:
-            return f"{prefix}.{_UVIT_SKIP_INV[module]}.{param}"
-        if not module.startswith("block."):
-            return None
-        module = module[len("block.") :]
-    else:
-        prefix = f"in_blocks.{in_index}" if in_ else "mid_block"
-    return f"{prefix}.{_UVIT_BLOCK_INV[module]}.{param}" if module in _UVIT_BLOCK_INV else None
+    """The official U-ViT key of a ``UniDiffuserModel`` key, or ``None`` (unused keys, ``to_q/k/v``, unknown).
+
+    The U-ViT map is written once, in this direction; :func:`uvit_key_map` has the fused ``to_q/k/v`` too.
+    """
+    slot = _uvit_slot(key)
+    return None if slot is None or slot.part is not None or slot.copy else slot.key
+
+
+def uvit_key_map(keys: Iterable[str]) -> ModuleKeyMap:
+    """The U-ViT map over these ``UniDiffuserModel`` keys (a model's ``state_dict()``, meta tensors will do)."""
+    return ModuleKeyMap.derive(keys, _uvit_slot)
+
+
+@lru_cache(maxsize=4)
+def _uvit_keys_map(num_blocks: int) -> ModuleKeyMap:
+    """:func:`uvit_key_map` over every key a U-ViT of ``num_blocks`` in-blocks can have (meta, narrow: only the
+    names matter)."""
+    import torch
+    from diffusers import UniDiffuserModel
+
+    config = uvit_config(num_layers=2 * num_blocks, num_attention_heads=1, attention_head_dim=32)
+    with torch.device("meta"):
+        return uvit_key_map(UniDiffuserModel(**config).state_dict())
+
+
+def uvit_key_to_diffusers(key: str) -> str | None:
+    """The ``UniDiffuserModel`` key of an official U-ViT key, or ``None`` if no rule applies.
+
+    ``attn.qkv.weight`` keys map to three keys and return ``None`` here (:func:`uvit_key_map` splits them). Derived
+    from :func:`diffusers_key_to_uvit` over the keys of a U-ViT deep enough for the key's block index.
+    """
+    index = max([-1, *_block_indices([key], "in_blocks"), *_block_indices([key], "out_blocks")])
+    table = _uvit_keys_map(1 << max(4, (index + 1).bit_length()))  # 16, 32, ... blocks: few models cover all keys
+    owners = [k for k in table.groups.get(key, ()) if not table.slots[k].copy]
+    return owners[0] if len(owners) == 1 and table.slots[owners[0]].part is None else None
 
 
 def official_uvit_keys(num_blocks: int = 15, *, data_type: bool = True) -> list[str]:
@@ -516,29 +533,13 @@ def convert_uvit_state_dict(
         ValueError: keys without a rule, keys missing, or shapes that do not fit the config (all named).
     """
     config = dict(config) if config is not None else infer_uvit_config(state)
-    out: dict[str, torch.Tensor] = {}
-    unexpected: set[str] = set()
-    for key, value in state.items():
-        if key.endswith(f".{_QKV}") and _OFFICIAL_BLOCK_RE.match(key):
-            block = key[: -len(_QKV) - 1]
-            target = uvit_key_to_diffusers(f"{block}.attn.proj.weight")
-            if value.shape[0] % 3 or target is None:
-                unexpected.add(key)
-                continue
-            prefix = target[: -len("attn1.to_out.0.weight")]
-            for part, chunk in zip(_QKV_PARTS, value.chunk(3, dim=0), strict=True):
-                out[prefix + part] = chunk
-            continue
-        target = uvit_key_to_diffusers(key)
-        if target is None:
-            unexpected.add(key)
-        else:
-            out[target] = value
-    if "vae_img_in.proj.weight" in out:
-        for param in ("weight", "bias"):
-            if f"vae_img_in.proj.{param}" in out:
-                out[f"transformer.pos_embed.proj.{param}"] = out[f"vae_img_in.proj.{param}"]
-    _check_against(out, _uvit_meta_state(config), "U-ViT checkpoint", unexpected)
+    expected = _uvit_meta_state(config)
+    table = uvit_key_map(expected)
+    # A fused tensor whose rows do not split into its parts has no rule (its parts are then named missing).
+    counts = {k: table.split_count(k) for k in state if k in table.groups}
+    unsplit = {k for k, n in counts.items() if n > 1 and (state[k].ndim == 0 or state[k].shape[0] % n)}
+    out, _, unknown = table.from_official({k: v for k, v in state.items() if k not in unsplit}, clone_parts=False)
+    _check_against(out, expected, "U-ViT checkpoint", set(unknown) | unsplit)
     return out
 
 
@@ -551,31 +552,11 @@ def uvit_to_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
     Raises:
         ValueError: a key without a rule, or an incomplete ``to_q/k/v`` triple.
     """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    triples: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if key in UNUSED_DIFFUSERS_KEYS:
-            continue
-        part = next((p for p in _QKV_PARTS if key.endswith("." + p)), None)
-        if part is not None:
-            triples.setdefault(key[: -len(part)], {})[part] = value
-            continue
-        target = diffusers_key_to_uvit(key)
-        if target is None:
-            unexpected.append(key)
-        else:
-            out[target] = value
-    for prefix, parts in triples.items():
-        proj = diffusers_key_to_uvit(prefix + "attn1.to_out.0.weight")
-        if proj is None or len(parts) != 3:
-            unexpected += [prefix + p for p in parts]
-            continue
-        out[proj[: -len("attn.proj.weight")] + _QKV] = torch.cat([parts[p] for p in _QKV_PARTS], dim=0)
+    table = uvit_key_map(state)
+    unexpected = [*table.unmapped, *table.incomplete()]
     if unexpected:
         raise ValueError(f"UniDiffuserModel state dict: keys without an official name: {_listing(unexpected)}")
+    out = table.to_official(state)
     order = {k: i for i, k in enumerate(official_uvit_keys(len(_block_indices(out, "in_blocks"))))}
     return dict(sorted(out.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
@@ -640,8 +621,9 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
 def diffusers_vae_key_to_ldm(key: str, num_levels: int = 4) -> str | None:
     """The LDM (``autoencoder_kl.pth``) key of a diffusers ``AutoencoderKL`` key, or ``None`` if no rule applies.
 
-    The forward direction is diffusers' own ``convert_ldm_vae_checkpoint``; this is its inverse. Decoder
-    ``up_blocks.i`` is LDM's ``up.{num_levels - 1 - i}`` (LDM indexes decoder levels from the highest resolution).
+    The autoencoder map is written once, in this direction; loading derives the other (:func:`autoencoder_key_map`).
+    Decoder ``up_blocks.i`` is LDM's ``up.{num_levels - 1 - i}`` (LDM indexes decoder levels from the highest
+    resolution).
     """
     if key.startswith(("quant_conv.", "post_quant_conv.")):
         return key
@@ -668,6 +650,26 @@ def diffusers_vae_key_to_ldm(key: str, num_levels: int = 4) -> str | None:
         layer = m.group(4).replace("conv_shortcut", "nin_shortcut")
         return f"{coder}.{level_kind}.{level}.block.{m.group(3)}.{layer}.{param}"
     return f"{coder}.{level_kind}.{level}.{level_kind}sample.conv.{param}"
+
+
+# LDM's attention projections are 1x1 convs, diffusers' linear layers.
+_LDM_ATTN_WEIGHT_RE = re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def autoencoder_key_map(keys: Iterable[str], num_levels: int | None = None) -> ModuleKeyMap:
+    """The autoencoder map over these ``AutoencoderKL`` keys (:func:`diffusers_vae_key_to_ldm`, the attention
+    projections tagged ``"1x1"``); ``num_levels`` defaults to the encoder levels the keys name."""
+    keys = list(keys)
+    if num_levels is None:
+        num_levels = len({m.group(1) for k in keys if (m := re.match(r"^encoder\.down_blocks\.(\d+)\.", k))})
+
+    def slot(key: str) -> Slot | None:
+        official = diffusers_vae_key_to_ldm(key, num_levels)
+        if official is None:
+            return None
+        return Slot(official, reshape="1x1" if _LDM_ATTN_WEIGHT_RE.search(official) else None)
+
+    return ModuleKeyMap.derive(keys, slot)
 
 
 def infer_autoencoder_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -702,9 +704,8 @@ def convert_autoencoder_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Convert an LDM KL autoencoder state dict (``autoencoder_kl.pth``) to ``AutoencoderKL`` keys.
 
-    Uses diffusers' ``convert_ldm_vae_checkpoint`` (which silently skips keys it does not know), then checks strictly:
-    every input key must be the LDM name (:func:`diffusers_vae_key_to_ldm`) of a converted key, and the result must
-    fill the model exactly.
+    The map is :func:`autoencoder_key_map` over the model's own keys, so every input key must be the LDM name of a
+    model key, and the result must fill the model exactly.
 
     Args:
         state (`Mapping[str, torch.Tensor]`): LDM key names (``encoder.down.0.block.0.conv1.weight``, ...).
@@ -718,14 +719,12 @@ def convert_autoencoder_state_dict(
         ValueError: keys without a rule, keys missing, or shapes that do not fit the config (all named).
     """
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = dict(config) if config is not None else infer_autoencoder_config(state)
-    levels = len(config["block_out_channels"])
-    # diffusers' converter looks for a "first_stage_model."/"vae." prefix; with neither present it takes keys as is.
-    out = convert_ldm_vae_checkpoint(dict(state), config)
-    used = {diffusers_vae_key_to_ldm(k, levels) for k in out}
-    _check_against(out, _meta_state(lambda: AutoencoderKL(**config)), "autoencoder checkpoint", set(state) - used)
+    expected = _meta_state(lambda: AutoencoderKL(**config))
+    table = autoencoder_key_map(expected, len(config["block_out_channels"]))
+    out, _, unknown = table.from_official(state, clone_parts=False)
+    _check_against(out, expected, "autoencoder checkpoint", set(unknown))
     return out
 
 
@@ -738,21 +737,10 @@ def autoencoder_to_official_state_dict(
     Raises:
         ValueError: a key without a rule.
     """
-    if num_levels is None:
-        num_levels = len({m.group(1) for k in state if (m := re.match(r"^encoder\.down_blocks\.(\d+)\.", k))})
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for key, value in state.items():
-        target = diffusers_vae_key_to_ldm(key, num_levels)
-        if target is None:
-            unexpected.append(key)
-            continue
-        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", target) and value.ndim == 2:
-            value = value[:, :, None, None]  # (C, C) -> (C, C, 1, 1): LDM's attention projections are 1x1 convs
-        out[target] = value
-    if unexpected:
-        raise ValueError(f"AutoencoderKL state dict: keys without an LDM name: {_listing(unexpected)}")
-    return dict(sorted(out.items(), key=lambda item: _ldm_vae_order(item[0])))
+    table = autoencoder_key_map(state, num_levels)
+    if table.unmapped:
+        raise ValueError(f"AutoencoderKL state dict: keys without an LDM name: {_listing(list(table.unmapped))}")
+    return dict(sorted(table.to_official(state).items(), key=lambda item: _ldm_vae_order(item[0])))
 
 
 def _ldm_vae_order(key: str) -> tuple:
@@ -824,6 +812,22 @@ def _causal_mask(n_positions: int) -> torch.Tensor:
 
     # uint8, as transformers 4.23 (UniDiffuser's pin) stored it; later versions use bool (either is accepted)
     return torch.tril(torch.ones((n_positions, n_positions), dtype=torch.uint8)).view(1, 1, n_positions, n_positions)
+
+
+def _caption_slot(key: str) -> Slot | None:
+    """The caption decoder map, the one direction written: a ``UniDiffuserTextDecoder`` key -> its
+    ``caption_decoder.pth`` key (``transformer.`` is ``gpt.``, all under the ``DataParallel`` prefix ``module.``)."""
+    if key.startswith("transformer."):
+        return Slot(f"{_MODULE_PREFIX}gpt.{key[len('transformer.') :]}")
+    if key.split(".")[0] in ("encode_prefix", "decode_prefix"):
+        return Slot(_MODULE_PREFIX + key)
+    return None
+
+
+def caption_decoder_key_map(keys: Iterable[str]) -> ModuleKeyMap:
+    """The caption decoder map over these ``UniDiffuserTextDecoder`` keys (without the mask buffers, which only the
+    official file holds)."""
+    return ModuleKeyMap.derive(keys, _caption_slot)
 
 
 def infer_text_decoder_config(
@@ -901,31 +905,21 @@ def convert_caption_decoder_state_dict(
 
     plain = _strip_module(state)
     config = dict(config) if config is not None else infer_text_decoder_config(plain)
-    out: dict[str, torch.Tensor] = {}
-    unexpected: set[str] = set()
-    n_positions = config["n_positions"]
-    for key, value in plain.items():
-        if m := _MASK_BUFFER_RE.match(key):
-            expected = _causal_mask(n_positions) if m.group(1) == "bias" else torch.tensor(_MASKED_BIAS)
+    kept: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len(_MODULE_PREFIX) :]
+        if m := _MASK_BUFFER_RE.match(name):
+            expected = _causal_mask(config["n_positions"]) if m.group(1) == "bias" else torch.tensor(_MASKED_BIAS)
             if value.shape != expected.shape or not torch.equal(value.to(expected.dtype), expected):
-                raise ValueError(f"caption decoder: {_MODULE_PREFIX}{key} is not GPT-2's constant causal-mask buffer")
-            continue
-        if key.startswith("clip."):
-            continue
-        if key.startswith("gpt."):
-            out["transformer." + key[len("gpt.") :]] = value
-        elif key.split(".")[0] in ("encode_prefix", "decode_prefix"):
-            out[key] = value
-        else:
-            unexpected.add(_MODULE_PREFIX + key)
+                raise ValueError(f"caption decoder: {key} is not GPT-2's constant causal-mask buffer")
+        elif not name.startswith("clip."):
+            kept[key] = value
+    model_state = _meta_state(lambda: UniDiffuserTextDecoder(**config))
+    out, _, unknown = caption_decoder_key_map(model_state).from_official(kept, clone_parts=False)
     head, wte = out.get("transformer.lm_head.weight"), out.get("transformer.transformer.wte.weight")
     if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
         raise ValueError("caption decoder: gpt.lm_head.weight differs from the tied gpt.transformer.wte.weight")
-
-    def build() -> Any:
-        return UniDiffuserTextDecoder(**config)
-
-    _check_against(out, _meta_state(build), "caption decoder checkpoint", unexpected)
+    _check_against(out, model_state, "caption decoder checkpoint", set(unknown))
     return out
 
 
@@ -945,24 +939,20 @@ def caption_decoder_to_official_state_dict(
 
     if n_positions is None:
         n_positions = int(state["transformer.transformer.wpe.weight"].shape[0])
+    table = caption_decoder_key_map(state)
+    if table.unmapped:
+        raise ValueError(
+            f"UniDiffuserTextDecoder state dict: keys without an official name: {_listing(list(table.unmapped))}"
+        )
     gpt: dict[str, torch.Tensor] = {}
     prefix_keys: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for key, value in state.items():
-        if key.startswith("transformer."):
-            new = "gpt." + key[len("transformer.") :]
-            if m := re.match(r"^(gpt\.transformer\.h\.\d+\.attn\.)c_attn\.weight$", new):
-                # GPT2Attention's own buffers precede its submodules in a state dict
-                gpt[m.group(1) + "bias"] = _causal_mask(n_positions)
-                gpt[m.group(1) + "masked_bias"] = torch.tensor(_MASKED_BIAS)
-            gpt[new] = value
-        elif key.split(".")[0] in ("encode_prefix", "decode_prefix"):
-            prefix_keys[key] = value
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise ValueError(f"UniDiffuserTextDecoder state dict: keys without an official name: {_listing(unexpected)}")
-    return {_MODULE_PREFIX + k: v for k, v in {**gpt, **prefix_keys}.items()}
+    for key, value in table.to_official(state).items():
+        if m := re.match(r"^(module\.gpt\.transformer\.h\.\d+\.attn\.)c_attn\.weight$", key):
+            # GPT2Attention's own buffers precede its submodules in a state dict
+            gpt[m.group(1) + "bias"] = _causal_mask(n_positions)
+            gpt[m.group(1) + "masked_bias"] = torch.tensor(_MASKED_BIAS)
+        (gpt if key.startswith(f"{_MODULE_PREFIX}gpt.") else prefix_keys)[key] = value
+    return {**gpt, **prefix_keys}
 
 
 def _read_gpt2_config(gpt2_folder: Path) -> dict[str, Any]:

@@ -43,6 +43,10 @@ conv1, conv2`` and ``transformer_blocks.b.{attn1, attn2}.{to_q, to_k, to_v, to_o
 ``blocks.b.{self_attn, cross_attn}.{q,k,v,o}``, ``ff.net.0.proj`` / ``ff.net.2`` to ``ffn.0.proj`` / ``ffn.2``;
 ``linear_1/linear_2`` to ``time_embedding.0/.2``; ``conv_norm_out/conv_out`` to ``head.0/.2``.
 
+The text tower and VAE maps are written the same way, once, from the diffusers/transformers side
+(:func:`flashface_text_key_map`, :func:`flashface_vae_key_map`: fused ``to_qkv`` rows and reshapes are entries of
+the map); loading applies them to the target model's own keys and reads the result backwards.
+
 Every converter is strict: each key of the input is mapped or dropped under a documented rule, each parameter of
 the target receives a value of the right shape; anything else raises ``ValueError`` listing the offending keys.
 :func:`convert_flashface` writes a loaded release as a saved ``FlashFacePipeline`` folder (safetensors).
@@ -71,6 +75,7 @@ import torch
 from ..errors import ModelFilesError
 from ..methods.flashface import OFFICIAL, OPEN, REFERENCE_BLOCKS, FlashFaceRelease, build_flashface_models
 from ..serialization import load_tensor_file, rebuild_position_ids
+from .keymap import ModuleKeyMap, Slot
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -93,6 +98,8 @@ __all__ = [
     "diffusers_unet_key_to_flashface",
     "flashface_scheduler_config",
     "flashface_key_table",
+    "flashface_text_key_map",
+    "flashface_vae_key_map",
     "convert_flashface",
     "flashface_unets_state_dict",
     "infer_text_encoder_config",
@@ -207,8 +214,8 @@ def _invert(mapping: Mapping[str, str]) -> dict[str, str]:
 
 
 def diffusers_unet_key_to_flashface(key: str, layout: UNetLayout = SD15_LAYOUT) -> str:
-    """The inverse of :func:`flashface_unet_key_to_diffusers`: a ``UNet2DConditionModel`` key (``attn_ref`` included)
-    to FlashFace's naming (main-UNet form, without ``ref_``/``ori_`` prefixes).
+    """The UNet map, the one direction written: a ``UNet2DConditionModel`` key (``attn_ref`` included) to FlashFace's
+    naming (main-UNet form, without ``ref_``/``ori_`` prefixes); :func:`flashface_key_table` derives the rest.
 
     Raises:
         KeyError: the key has no FlashFace counterpart.
@@ -494,10 +501,15 @@ _NAME_RANK = {
 }  # fmt: skip
 
 
+def _registration_order(key: str, rank: Mapping[str, int]) -> tuple:
+    """A sort key for official keys in their modules' registration order: indices numerically, names by ``rank``
+    (which need only order siblings)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, rank.get(p, 99), p) for p in key.split("."))
+
+
 def _official_sort_key(key: str) -> tuple:
     top, _, rest = key.partition(".")
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, _NAME_RANK.get(p, 99), p) for p in rest.split("."))
-    return (_OFFICIAL_ORDER.index(top), parts)
+    return (_OFFICIAL_ORDER.index(top), _registration_order(rest, _NAME_RANK))
 
 
 def flashface_unets_state_dict(
@@ -665,13 +677,37 @@ def infer_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 # Text encoder and VAE
 # --------------------------------------------------------------------------------------------------------------------
 
-_TEXT_LAYER = {
-    "norm1": "layer_norm1",
-    "norm2": "layer_norm2",
-    "attn.proj": "self_attn.out_proj",
-    "mlp.0": "mlp.fc1",
-    "mlp.2": "mlp.fc2",
+# The text tower map, written once: CLIPTextModel key (nested names) -> its place in FlashFace's textual.*.
+_TEXT_TOP = {
+    "text_model.embeddings.token_embedding.weight": Slot("textual.token_embedding.weight"),
+    # the model's (L, C) is stored as (1, L, C)
+    "text_model.embeddings.position_embedding.weight": Slot("textual.pos_embedding", reshape="unbatch"),
+    "text_model.final_layer_norm.weight": Slot("textual.norm.weight"),
+    "text_model.final_layer_norm.bias": Slot("textual.norm.bias"),
 }
+# Per layer: CLIPEncoderLayer module -> official module. q/k/v are the rows [0:C], [C:2C], [2C:3C] of to_qkv, the
+# order FlashFace's view(b, s, 3, n, d) unbinds.
+_TEXT_LAYER = {
+    "layer_norm1": Slot("norm1"),
+    "self_attn.q_proj": Slot("attn.to_qkv", (0, 3)),
+    "self_attn.k_proj": Slot("attn.to_qkv", (1, 3)),
+    "self_attn.v_proj": Slot("attn.to_qkv", (2, 3)),
+    "self_attn.out_proj": Slot("attn.proj"),
+    "layer_norm2": Slot("norm2"),
+    "mlp.fc1": Slot("mlp.0"),
+    "mlp.fc2": Slot("mlp.2"),
+}
+_TEXT_LAYER_RE = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# A buffer (persistent in older transformers) that the official file does not hold; rebuilt on loading.
+_TEXT_POSITION_IDS = "text_model.embeddings.position_ids"
+# The written order: the official text tower's attributes as registered (siblings only compare among themselves).
+_TEXT_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        ["token_embedding", "pos_embedding", "transformer", "norm", "head", "norm1", "attn", "to_qkv", "proj",
+         "norm2", "mlp", "weight", "bias"]
+    )
+}  # fmt: skip
 
 
 def _text_dropped(key: str) -> str | None:
@@ -711,26 +747,22 @@ def _strict_result(
         raise _fail(f"{what}: shape mismatches", wrong)
 
 
-def _text_key_to_official(key: str) -> str:
-    """HF nested key -> FlashFace ``textual.*`` key (q/k/v point at the fused ``to_qkv``)."""
-    fixed = {
-        "text_model.embeddings.token_embedding.weight": "textual.token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "textual.pos_embedding",
-    }
-    if key in fixed:
-        return fixed[key]
-    match = re.fullmatch(r"text_model\.final_layer_norm\.(weight|bias)", key)
-    if match:
-        return f"textual.norm.{match[1]}"
-    match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if match:
-        layer, name, param = match.groups()
-        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            return f"textual.transformer.{layer}.attn.to_qkv.{param}"
-        inverse = _invert(_TEXT_LAYER)
-        if name in inverse:
-            return f"textual.transformer.{layer}.{inverse[name]}.{param}"
-    raise KeyError(key)
+def _text_slot(key: str) -> Slot | None:
+    """The text tower map, the one direction written: a ``CLIPTextModel`` key (nested names) -> its ``textual.*``
+    slot."""
+    if key in _TEXT_TOP:
+        return _TEXT_TOP[key]
+    match = _TEXT_LAYER_RE.fullmatch(key)
+    slot = _TEXT_LAYER.get(match[2]) if match else None
+    if match is None or slot is None:
+        return None
+    return slot._replace(key=f"textual.transformer.{match[1]}.{slot.key}.{match[3]}")
+
+
+def flashface_text_key_map(keys: Iterable[str]) -> ModuleKeyMap:
+    """The text tower map over these ``CLIPTextModel`` keys (nested ``text_model.`` names, as
+    :func:`~idfusion.sd15.official_state_dict` gives them; meta tensors will do)."""
+    return ModuleKeyMap.derive(keys, _text_slot)
 
 
 def convert_flashface_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -748,49 +780,29 @@ def convert_flashface_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> di
     """
     from ..sd15 import build_text_encoder, official_state_dict
 
-    converted: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        if _text_dropped(key) is not None:
-            continue
-        match = re.fullmatch(r"textual\.transformer\.(\d+)\.(.+)\.(weight|bias)", key)
-        if key == "textual.token_embedding.weight":
-            names = {"text_model.embeddings.token_embedding.weight": value}
-        elif key == "textual.pos_embedding":
-            names = {"text_model.embeddings.position_embedding.weight": value.reshape(value.shape[-2:])}
-        elif key in ("textual.norm.weight", "textual.norm.bias"):
-            names = {f"text_model.final_layer_norm.{key.rsplit('.', 1)[1]}": value}
-        elif match and match[2] == "attn.to_qkv":
-            layer, param = match[1], match[3]
-            prefix = f"text_model.encoder.layers.{layer}.self_attn"
-            q, k, v = value.chunk(3, dim=0) if value.shape[0] % 3 == 0 else (value, value, value)
-            names = {f"{prefix}.{n}_proj.{param}": t.clone() for n, t in zip("qkv", (q, k, v), strict=True)}
-        elif match and match[2] in _TEXT_LAYER:
-            names = {f"text_model.encoder.layers.{match[1]}.{_TEXT_LAYER[match[2]]}.{match[3]}": value}
-        else:
-            unknown.append(key)
-            continue
-        for name, tensor in names.items():
-            converted[name] = tensor
-            sources[name] = key
+    with torch.device("meta"):
+        expected = official_state_dict(build_text_encoder(infer_text_encoder_config(state_dict)))
+    table = flashface_text_key_map(expected)
+    kept = {k: v for k, v in state_dict.items() if _text_dropped(k) is None}
+    converted, sources, unknown = table.from_official(kept)
     if unknown:
         raise _fail(f"{CLIP_FILE}: keys that are not part of FlashFace's CLIP", unknown)
-    config = infer_text_encoder_config(state_dict)
-    with torch.device("meta"):
-        expected = official_state_dict(build_text_encoder(config))
-    _strict_result(converted, sources, expected, CLIP_FILE, _text_key_to_official)
+    _strict_result(converted, sources, expected, CLIP_FILE, lambda k: table.slots[k].key)
     return converted
 
 
 def text_encoder_to_flashface(
     text_encoder: CLIPTextModel | Mapping[str, torch.Tensor], projection: torch.Tensor | None = None
 ) -> OrderedDict[str, torch.Tensor]:
-    """The inverse of :func:`convert_flashface_text_encoder`: ``textual.*`` tensors in FlashFace naming.
+    """The inverse of :func:`convert_flashface_text_encoder`: ``textual.*`` tensors in FlashFace naming (the text
+    tower's attributes in registration order).
 
     Args:
         text_encoder: a ``CLIPTextModel``, or its state dict under nested (``text_model.``) or flat names.
         projection: ``textual.head`` (``(hidden, embed_dim)``, no bias), which ``CLIPTextModel`` does not hold.
+
+    Raises:
+        ValueError: keys with no place in the official file, or ``q/k/v`` projections without the others.
     """
     from ..sd15 import official_state_dict
 
@@ -798,109 +810,85 @@ def text_encoder_to_flashface(
         state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.items()}
     else:
         state = official_state_dict(text_encoder)
-    out: dict[str, torch.Tensor] = {
-        "textual.token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
-        "textual.pos_embedding": state["text_model.embeddings.position_embedding.weight"][None],
-    }
-    for layer in _indices(state, r"text_model\.encoder\.layers\.(\d+)\."):
-        prefix = f"text_model.encoder.layers.{layer}."
-        for name in ("norm1", "attn.to_qkv", "attn.proj", "norm2", "mlp.0", "mlp.2"):  # the official order
-            for param in ("weight", "bias"):
-                if name == "attn.to_qkv":
-                    value = torch.cat([state[f"{prefix}self_attn.{n}_proj.{param}"] for n in "qkv"])
-                else:
-                    value = state[f"{prefix}{_TEXT_LAYER[name]}.{param}"]
-                out[f"textual.transformer.{layer}.{name}.{param}"] = value
-    for param in ("weight", "bias"):
-        out[f"textual.norm.{param}"] = state[f"text_model.final_layer_norm.{param}"]
+    state.pop(_TEXT_POSITION_IDS, None)
+    table = flashface_text_key_map(state)
+    unplaced = [*table.unmapped, *table.incomplete()]
+    if unplaced:
+        raise _fail(
+            "CLIPTextModel: keys with no place in FlashFace's text tower (or q/k/v without the rest)", unplaced
+        )
+    out = table.to_official(state)
     if projection is not None:
         out["textual.head"] = projection
-    return OrderedDict((k, v.detach().clone().contiguous()) for k, v in out.items())
+    ordered = sorted(out.items(), key=lambda item: _registration_order(item[0], _TEXT_RANK))
+    return OrderedDict((k, v.detach().clone().contiguous()) for k, v in ordered)
 
 
-_VAE_RESNET = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2"}
-_VAE_RESNET["shortcut"] = "conv_shortcut"
+# The VAE map, written once: AutoencoderKL module -> its place in sd-v1-vae.pth (parameter names are kept).
+_VAE_TOP = {
+    "encoder.conv_in": "encoder.conv1",
+    "encoder.conv_norm_out": "encoder.head.0",
+    "encoder.conv_out": "encoder.head.2",
+    "quant_conv": "conv1",
+    "post_quant_conv": "conv2",
+    "decoder.conv_in": "decoder.conv1",
+    "decoder.conv_norm_out": "decoder.head.0",
+    "decoder.conv_out": "decoder.head.2",
+}
+_VAE_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6"}
+_VAE_RESNET["conv_shortcut"] = "shortcut"
+# The single-head mid-block attention: 1x1 convs in the file, to_qkv holding q, k, v as channel thirds in that order.
+_VAE_ATTENTION = {
+    "group_norm": Slot("norm"),
+    "to_q": Slot("to_qkv", (0, 3), "1x1"),
+    "to_k": Slot("to_qkv", (1, 3), "1x1"),
+    "to_v": Slot("to_qkv", (2, 3), "1x1"),
+    "to_out.0": Slot("proj", reshape="1x1"),
+}
+_VAE_LEVEL_RE = re.compile(
+    r"(encoder)\.down_blocks\.(\d+)\.(?:resnets\.(\d+)\.(\w+)|downsamplers\.0\.conv)"
+    r"|(decoder)\.up_blocks\.(\d+)\.(?:resnets\.(\d+)\.(\w+)|upsamplers\.0\.conv)"
+)
 # Registration order of the official VAE modules' children (siblings only ever compare among themselves).
+_VAE_SIDES = {"encoder": 0, "conv1": 1, "conv2": 2, "decoder": 3}
 _VAE_RANK = {"conv1": 0, "downsamples": 1, "middle": 1, "upsamples": 2, "head": 3, "residual": 0, "shortcut": 1,
              "resample": 0, "norm": 0, "to_qkv": 1, "proj": 2, "weight": 0, "bias": 1}  # fmt: skip
-_VAE_TOP = {
-    "encoder.conv1": "encoder.conv_in",
-    "encoder.head.0": "encoder.conv_norm_out",
-    "encoder.head.2": "encoder.conv_out",
-    "conv1": "quant_conv",
-    "conv2": "post_quant_conv",
-    "decoder.conv1": "decoder.conv_in",
-    "decoder.head.0": "decoder.conv_norm_out",
-    "decoder.head.2": "decoder.conv_out",
-}
 
 
-def _vae_module_to_diffusers(module: str, num_levels: int, layers: int) -> str:
-    """A FlashFace VAE module path (without ``.weight``/``.bias``) to the diffusers one; the mid-block attention's
-    ``to_qkv`` maps to ``to_qkv`` (split by the caller)."""
+def _vae_slot(key: str, layers: int) -> Slot | None:
+    """The VAE map, the one direction written: an ``AutoencoderKL`` key -> its slot in ``sd-v1-vae.pth``
+    (``layers``: residual blocks per encoder level)."""
+    module, _, param = key.rpartition(".")
+    if param not in ("weight", "bias"):
+        return None
     if module in _VAE_TOP:
-        return _VAE_TOP[module]
-
-    def resnet(rest: str) -> str:
-        if rest not in _VAE_RESNET:
-            raise KeyError(module)
-        return _VAE_RESNET[rest]
-
-    match = re.fullmatch(r"(encoder|decoder)\.middle\.([012])\.(.+)", module)
+        return Slot(f"{_VAE_TOP[module]}.{param}")
+    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.(attentions\.0|resnets\.[01])\.(.+)", module)
     if match:
         side, part, rest = match.groups()
-        if part == "1":
-            names = {"norm": "group_norm", "to_qkv": "to_qkv", "proj": "to_out.0"}
-            if rest not in names:
-                raise KeyError(module)
-            return f"{side}.mid_block.attentions.0.{names[rest]}"
-        return f"{side}.mid_block.resnets.{0 if part == '0' else 1}.{resnet(rest)}"
-    match = re.fullmatch(r"encoder\.downsamples\.(\d+)\.(.+)", module)
-    if match:
-        level, j = divmod(int(match[1]), layers + 1)
-        if level < num_levels and j < layers:
-            return f"encoder.down_blocks.{level}.resnets.{j}.{resnet(match[2])}"
-        if level < num_levels - 1 and match[2] == "resample.1":
-            return f"encoder.down_blocks.{level}.downsamplers.0.conv"
-        raise KeyError(module)
-    match = re.fullmatch(r"decoder\.upsamples\.(\d+)\.(.+)", module)
-    if match:
-        level, j = divmod(int(match[1]), layers + 2)
-        if level < num_levels and j <= layers:
-            return f"decoder.up_blocks.{level}.resnets.{j}.{resnet(match[2])}"
-        if level < num_levels - 1 and match[2] == "resample.1":
-            return f"decoder.up_blocks.{level}.upsamplers.0.conv"
-    raise KeyError(module)
+        if part == "attentions.0":
+            slot = _VAE_ATTENTION.get(rest)
+            return None if slot is None else slot._replace(key=f"{side}.middle.1.{slot.key}.{param}")
+        name = _VAE_RESNET.get(rest)
+        return None if name is None else Slot(f"{side}.middle.{0 if part == 'resnets.0' else 2}.{name}.{param}")
+    match = _VAE_LEVEL_RE.fullmatch(module)
+    if match is None:
+        return None
+    encoder = match[1] is not None
+    side, level, block, name = match.groups()[:4] if encoder else match.groups()[4:]
+    listing, per_level = ("downsamples", layers + 1) if encoder else ("upsamples", layers + 2)  # blocks, resampler
+    if block is None:
+        return Slot(f"{side}.{listing}.{int(level) * per_level + per_level - 1}.resample.1.{param}")
+    if name not in _VAE_RESNET:
+        return None
+    return Slot(f"{side}.{listing}.{int(level) * per_level + int(block)}.{_VAE_RESNET[name]}.{param}")
 
 
-def _vae_key_to_official(key: str, num_levels: int, layers: int) -> str:
-    module, _, param = key.rpartition(".")
-    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)", module)
-    if match:
-        name = {"group_norm": "norm", "to_out.0": "proj"}.get(match[2], "to_qkv")
-        return f"{match[1]}.middle.1.{name}.{param}"
-    inverse = _invert(_VAE_TOP)
-    if module in inverse:
-        return f"{inverse[module]}.{param}"
-    resnets = _invert(_VAE_RESNET)
-    match = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)", module)
-    if match and match[3] in resnets:
-        return f"{match[1]}.middle.{0 if match[2] == '0' else 2}.{resnets[match[3]]}.{param}"
-    match = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resnets\.(\d+)\.(\w+)|downsamplers\.0\.conv)", module)
-    if match:
-        level = int(match[1])
-        if match[3] is None:
-            return f"encoder.downsamples.{level * (layers + 1) + layers}.resample.1.{param}"
-        if match[4] in resnets:
-            return f"encoder.downsamples.{level * (layers + 1) + int(match[3])}.{resnets[match[4]]}.{param}"
-    match = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)\.(\w+)|upsamplers\.0\.conv)", module)
-    if match:
-        level = int(match[1])
-        if match[3] is None:
-            return f"decoder.upsamples.{level * (layers + 2) + layers + 1}.resample.1.{param}"
-        if match[4] in resnets:
-            return f"decoder.upsamples.{level * (layers + 2) + int(match[3])}.{resnets[match[4]]}.{param}"
-    raise KeyError(key)
+def flashface_vae_key_map(keys: Iterable[str]) -> ModuleKeyMap:
+    """The VAE map over these ``AutoencoderKL`` keys (meta tensors will do)."""
+    keys = list(keys)
+    layers = len(_indices(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+    return ModuleKeyMap.derive(keys, lambda key: _vae_slot(key, layers))
 
 
 def convert_flashface_vae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -918,65 +906,34 @@ def convert_flashface_vae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     """
     from ..sd15 import build_vae
 
-    config = infer_vae_config(state_dict)
-    num_levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
-    converted: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        module, _, param = key.rpartition(".")
-        try:
-            if param not in ("weight", "bias"):
-                raise KeyError(key)
-            target = _vae_module_to_diffusers(module, num_levels, layers)
-        except KeyError:
-            unknown.append(key)
-            continue
-        attention = ".mid_block.attentions.0." in target
-        if target.endswith("to_qkv"):
-            base = target[: -len("to_qkv")]
-            parts = value.chunk(3, dim=0) if value.shape[0] % 3 == 0 else (value, value, value)
-            names = {f"{base}{n}.{param}": t for n, t in zip(("to_q", "to_k", "to_v"), parts, strict=True)}
-        else:
-            names = {f"{target}.{param}": value}
-        for name, tensor in names.items():
-            if attention and tensor.ndim == 4:
-                tensor = tensor.reshape(tensor.shape[:2])  # 1x1 conv -> linear
-            converted[name] = tensor.clone() if attention else tensor
-            sources[name] = key
+    expected = _meta_state(build_vae, infer_vae_config(state_dict))
+    table = flashface_vae_key_map(expected)
+    converted, sources, unknown = table.from_official(state_dict)
     if unknown:
         raise _fail(f"{VAE_FILE}: keys that are not part of FlashFace's VAE", unknown)
-    expected = _meta_state(build_vae, config)
-    _strict_result(converted, sources, expected, VAE_FILE, lambda k: _vae_key_to_official(k, num_levels, layers))
+    _strict_result(converted, sources, expected, VAE_FILE, lambda k: table.slots[k].key)
     return converted
+
+
+def _vae_sort_key(key: str) -> tuple:
+    side, _, rest = key.partition(".")
+    return (_VAE_SIDES[side], _registration_order(rest, _VAE_RANK))
 
 
 def vae_to_flashface(vae: AutoencoderKL | Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """The inverse of :func:`convert_flashface_vae`: an ``AutoencoderKL`` (or its state dict) in FlashFace naming,
-    in the official module order (encoder, ``conv1``, ``conv2``, decoder)."""
+    in the official module order (encoder, ``conv1``, ``conv2``, decoder).
+
+    Raises:
+        ValueError: keys with no place in the official file, or ``q/k/v`` projections without the others.
+    """
     state = dict(vae.items()) if isinstance(vae, Mapping) else vae.state_dict()
-    levels = _indices(state, r"encoder\.down_blocks\.(\d+)\.")
-    layers = len(_indices(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        official = _vae_key_to_official(key, len(levels), layers)
-        if ".middle.1." in official:
-            value = value.reshape(*value.shape, 1, 1) if value.ndim == 2 else value
-            if ".to_qkv." in official:
-                if official in out:
-                    continue
-                module = key.rpartition(".")[0].rpartition(".")[0]
-                param = key.rpartition(".")[2]
-                parts = [state[f"{module}.{n}.{param}"] for n in ("to_q", "to_k", "to_v")]
-                value = torch.cat([p.reshape(*p.shape, 1, 1) if p.ndim == 2 else p for p in parts])
-        out[official] = value.detach().clone().contiguous()
-
-    def order(key: str) -> tuple:
-        side, *rest = key.split(".")
-        parts = tuple((0, int(p), "") if p.isdigit() else (1, _VAE_RANK.get(p, 99), p) for p in rest)
-        return ({"encoder": 0, "conv1": 1, "conv2": 2, "decoder": 3}[side], parts)
-
-    return OrderedDict(sorted(out.items(), key=lambda item: order(item[0])))
+    table = flashface_vae_key_map(state)
+    unplaced = [*table.unmapped, *table.incomplete()]
+    if unplaced:
+        raise _fail("AutoencoderKL: keys with no place in FlashFace's VAE (or q/k/v without the rest)", unplaced)
+    out = {k: v.detach().clone().contiguous() for k, v in table.to_official(state).items()}
+    return OrderedDict(sorted(out.items(), key=lambda item: _vae_sort_key(item[0])))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1073,7 +1030,7 @@ def load_official_flashface(folder: str | os.PathLike[str], *, torch_dtype: torc
         ModelFilesError: files missing or unreadable (the message lists the files needed and where).
         ValueError: a file whose keys or shapes do not match the official format.
     """
-    from diffusers import DDIMScheduler
+    from ..schedulers import FlashFaceDDIMScheduler
 
     root = Path(folder).expanduser()
     missing = [name for name in OFFICIAL_FILES if not (root / name).is_file()]
@@ -1103,7 +1060,8 @@ def load_official_flashface(folder: str | os.PathLike[str], *, torch_dtype: torc
         "text_encoder": text_encoder,
         "vae": vae,
         "tokenizer": _tokenizer_from_bpe(root / BPE_FILE),
-        "scheduler": DDIMScheduler.from_config(flashface_scheduler_config(OFFICIAL)),
+        # the release's DDIM over fractional trailing times (not diffusers' DDIM, which moves the result)
+        "scheduler": FlashFaceDDIMScheduler(timestep_spacing="trailing"),
     }
     return _to_dtype(parts, torch_dtype)
 
@@ -1164,7 +1122,10 @@ def load_open_flashface(folder: str | os.PathLike[str], torch_dtype: torch.dtype
         "vae": AutoencoderKL.from_pretrained(root / "vae", **kwargs).eval(),
         "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", **kwargs).eval(),
         "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True),
-        "scheduler": DDIMScheduler.from_pretrained(root / "scheduler", local_files_only=True),
+        # the release's noise schedule, sampled with its own spacing (t = 999, 979, ..., 19)
+        "scheduler": DDIMScheduler.from_config(
+            {**DDIMScheduler.load_config(root / "scheduler"), **OPEN.scheduler_config}
+        ),
     }
     for name in ("unet", "refnet"):
         if parts[name].config.in_channels != OPEN.in_channels:

@@ -248,8 +248,20 @@ class FaceAnalyzer:
     def get(
         self, image: ImageInput, *, index: int | None = None, aligned: bool = False, name: str | None = None
     ) -> Face:
-        """The one face a method should use: the largest, or the ``index``-th from the left."""
-        return self.analyze(image, select="largest" if index is None else index, aligned=aligned, name=name)[0]
+        """The one face a method should use: the largest, or the ``index``-th from the left. With several faces
+        and no ``index``, a warning says which one was used."""
+        if index is not None:
+            return self.analyze(image, select=index, aligned=aligned, name=name)[0]
+        faces = self.analyze(image, select="all", aligned=aligned, name=name)
+        position = max(range(len(faces)), key=lambda i: faces[i].area)
+        chosen = faces[position]
+        if len(faces) > 1:
+            x0, y0, x1, y1 = (int(round(float(v))) for v in chosen.bbox)
+            logger.warning(
+                "%s: %d faces found; using the largest, face %d from the left (box %d,%d-%d,%d)",
+                chosen.source or name or "photo", len(faces), position, x0, y0, x1, y1,
+            )  # fmt: skip
+        return chosen
 
     @staticmethod
     def _select(faces: list[Face], select: Selection, source: str) -> list[Face]:

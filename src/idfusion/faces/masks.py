@@ -2,7 +2,7 @@
 
 FaceChain-FACT masks the user photo to the head (face and hair, background set to 0) before its face encoder, and
 repaints a dilated face region of a template; the official code gets both regions from the M2FP parsing model. Here
-they come from landmarks instead:
+the regions come from landmarks instead:
 
 * with dlib's 68 points (``Face.dense_landmarks``): the face is the convex hull of the jaw line and the brows; the
   head adds the jaw mirrored about the brow line, scaled to :data:`CROWN_SCALE` of the brow-to-chin height, which
@@ -11,8 +11,20 @@ they come from landmarks instead:
   (in units of the eye-to-mouth distance ``d``: brows 0.45 d above the eyes, chin 1.95 d below them, jaw half-width
   1.1 d).
 
-Masks are ``float32`` ``(H, W)`` arrays in ``[0, 1]``. Dilation is a fraction of ``sqrt(face box area)``, the measure
-the official code scales its kernels by.
+What the release does *with* its parsed regions is mirrored: its morphology is ``cv2.dilate`` with an all-ones
+square kernel whose side is a fraction of ``sqrt(mask area)`` (:func:`dilate_square`; a fraction used as a kernel
+side, so the region grows by about half of it on each side), and :func:`head_mask` grows face-and-hair by a kernel
+of side ``sqrt(face area) / 20`` (``face_adapter_v1.py`` ``get_mask_head``), then adds the face back. What differs:
+
+* the regions themselves: a landmark outline is not the parsed face and hair (the parsed "Face" reaches the
+  hairline, the landmark face stops at the brows; the parsed hair follows the hair, the landmark head is a fixed
+  shape);
+* the release then multiplies the head by its "Human" region and keeps the largest contour; there is no person
+  region here, and a dilated convex outline is one contour already, so both steps are skipped.
+
+Masks are ``float32`` ``(H, W)`` arrays in ``[0, 1]``. :func:`face_mask`'s optional ``dilation`` (a disc of radius
+``dilation * sqrt(face box area)``) is idfusion's own margin, used to keep other faces out of a repaint; the
+release's growth rules are applied to ``face_mask(..., dilation=0)``.
 """
 
 from __future__ import annotations
@@ -22,11 +34,14 @@ import numpy as np
 
 from .types import Face
 
-__all__ = ["CROWN_SCALE", "head_mask", "face_mask", "apply_mask", "feather"]
+__all__ = ["CROWN_SCALE", "HEAD_KERNEL_DIVISOR", "dilate_square", "head_mask", "face_mask", "apply_mask", "feather"]
 
 # How far above the brows the head reaches, as a fraction of the brow-to-chin height (the crown of an adult head
 # sits about 0.7-0.8 of the face height above the brows once hair is included).
 CROWN_SCALE = 0.75
+
+#: The release grows the head (face and hair) by a square kernel of side ``sqrt(face area) / 20``, at least 1 px.
+HEAD_KERNEL_DIVISOR = 20.0
 
 # 5-point ellipse proportions, in units of the eye-centre-to-mouth-centre distance, measured along the face's up axis
 # from the eye line (see the module docstring).
@@ -130,29 +145,60 @@ def _check_shape(shape: tuple[int, int]) -> None:
         raise ValueError(f"shape must be (height, width) with positive sizes, got {tuple(shape)}")
 
 
-def head_mask(face: Face, shape: tuple[int, int], *, dilation: float = 0.1) -> np.ndarray:
-    """Mask of the whole head (face, hair, top of the head) of one face.
+def dilate_square(mask: np.ndarray, side: int) -> np.ndarray:
+    """The release's dilation: ``cv2.dilate`` with an all-ones ``side`` x ``side`` kernel (anchor at its centre,
+    ``side // 2``, so an even side grows one pixel more to the right and down).
+
+    The release computes ``side`` as ``int(sqrt(mask.sum()) * fraction)``; a side of 0 is what it then passes on,
+    and OpenCV reads an empty kernel as a 3x3 one, so 0 grows by one pixel, exactly as there. 1 changes nothing.
+
+    Args:
+        mask: ``(H, W)`` mask.
+        side: the kernel side in pixels, >= 0.
+
+    Returns:
+        ``(H, W)`` ``float32`` mask.
+    """
+    if side < 0:
+        raise ValueError(f"side must be >= 0, got {side}")
+    return cv2.dilate(np.asarray(mask, dtype=np.float32), np.ones((int(side), int(side)), np.uint8))
+
+
+def head_mask(face: Face, shape: tuple[int, int], *, kernel_divisor: float = HEAD_KERNEL_DIVISOR) -> np.ndarray:
+    """Mask of the whole head (face, hair, top of the head) of one face, as the release makes it.
+
+    The release's rule (``get_mask_head``): face and hair, dilated by a square kernel of side
+    ``max(int(sqrt(face area) / 20), 1)`` (``face area`` = the face mask's pixel count), then the face added back
+    (its cut to the person and to the largest contour are skipped, see the module docstring). Here face-and-hair is
+    the landmark head region and the face is ``face_mask(face, shape, dilation=0)``.
 
     Args:
         face: the face, in the coordinates of the image the mask is for.
         shape: ``(H, W)`` of that image (a longer shape such as ``image.shape`` is accepted; extra items are
             ignored).
-        dilation: grow the region by this fraction of ``sqrt(face box area)``.
+        kernel_divisor: the kernel side is ``sqrt(face area) / kernel_divisor`` (release: 20).
 
     Returns:
         ``(H, W)`` ``float32`` mask, 1 inside the head and 0 outside.
     """
     _check_shape(shape)
-    return _render(_head_outline(face), shape, _radius(face, dilation))
+    if not kernel_divisor > 0:
+        raise ValueError(f"kernel_divisor must be > 0, got {kernel_divisor}")
+    inner = face_mask(face, shape, dilation=0.0)
+    side = max(int(np.sqrt(inner.sum()) / kernel_divisor), 1)
+    # as the release: (face-and-hair | face) dilated, then the face added back
+    head = np.maximum(_render(_head_outline(face), shape, 0), inner)
+    return np.maximum(dilate_square(head, side), inner)
 
 
 def face_mask(face: Face, shape: tuple[int, int], *, dilation: float = 0.05) -> np.ndarray:
-    """Mask of the face itself: brows to chin, cheek to cheek.
+    """Mask of the face itself: brows to chin, cheek to cheek (the stand-in for the release's parsed "Face").
 
     Args:
         face: the face, in the coordinates of the image the mask is for.
         shape: ``(H, W)`` of that image.
-        dilation: grow the region by this fraction of ``sqrt(face box area)``.
+        dilation: grow the region by a disc of radius ``dilation * sqrt(face box area)`` (idfusion's margin; the
+            release's own growth rules are :func:`dilate_square` on this mask with ``dilation=0``).
 
     Returns:
         ``(H, W)`` ``float32`` mask, 1 inside the face and 0 outside.

@@ -1,26 +1,37 @@
 """Fixed-template portraits: repaint the faces of a template photo with an identity, generic over the inpainter.
 
-The flow follows FaceChain-FACT's "Fixed Templates Portrait" (spec §5.2): detect the template's faces, take them
-left to right, cut a square crop around the chosen face (the face box is ``face_fraction`` of the crop side, zero
-padding where the crop leaves the image), resize it to ``work_size``, let an inpainting callable repaint a dilated
-face region (with optional ControlNet conditions such as a Canny map with the face removed), and paste the result
-back through a feathered mask.
+The flow follows FaceChain-FACT's "Fixed Templates Portrait" (spec §5.2, ``facechain/inference_inpaint_fact.py``
+L736-790): detect the template's faces, keep the ``num_faces`` largest and order them by their left edge, black out
+the other kept faces' boxes in the picture the inpainter sees, cut a square crop around the chosen face (the face
+box is ``face_fraction`` of the crop side, zero padding where the crop leaves the image), resize it to
+``work_size``, let an inpainting callable repaint the release's dilated face region (:func:`inpaint_mask`) with
+ControlNet conditions (by default the pipeline's ``template_controls()``: for FACT the release's [OpenPose of the
+face and hands, Canny of the crop with the face removed (:func:`canny_condition`)] at scales [1.0, 0.2]), and paste
+the result back through a feathered mask.
 
 Differences from the official chain:
 
 * no stage A (OpenPose text-to-image portrait, face fusion, similarity-warp paste of the generated face into the
-  template) and no stage C refinement pass: the inpainting callable does all generation in one call;
-* masks come from facial landmarks (:mod:`idfusion.faces.masks`), not from the M2FP human-parsing model;
+  template) and no stage C refinement pass: the inpainting callable does all generation in one call. So the pose
+  condition is estimated on the template crop (face and hands, as the release draws it in stage B), and the
+  repaint mask's growth below the eyes is not cut to the warped generated face (``inpaint_mask(limit=)`` takes
+  one where a caller has it);
+* masks come from facial landmarks (:mod:`idfusion.faces.masks`), not from the M2FP human-parsing model; the
+  release's morphology on them (square kernels, horizontal eye line) is kept;
 * no ABPN skin retouching and no face fusion: ``retouch`` is an optional post-processing hook on the repainted crop;
 * no edge/colour compensation ("auto" low-strength pass): the paste alpha is the feathered inpainting mask, and every
   pixel where it is 0 is copied from the template exactly, so there is no VAE drift to cancel;
 * the paste mask is the feathered face mask, not the whole crop rectangle; as in the official code it excludes the
-  other template faces (their boxes and face masks), so they stay unchanged.
+  other template faces (their boxes and face masks), so they stay unchanged;
+* ``num_faces=None`` (the default) keeps every detected face (the release's app asks for the count, default 1);
+  ``face_index="all"`` repaints them one after another on the running result (the release repaints one per run);
+* the crop box is rounded, where the release truncates its half side and centre to integers (a pixel at most).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -31,9 +42,9 @@ import cv2
 import numpy as np
 import PIL.Image
 
-from ..errors import FaceIndexError, NoFaceError
+from ..errors import FaceIndexError, ModelFilesError, NoFaceError
 from ..faces.analyzer import FaceAnalyzer
-from ..faces.masks import face_mask, feather
+from ..faces.masks import dilate_square, face_mask, feather
 from ..faces.types import Face
 from ..images import ImageInput, LoadedImage, load_image
 
@@ -50,6 +61,7 @@ __all__ = [
     "crop_face",
     "place_mask",
     "paste_back",
+    "eye_row",
     "inpaint_mask",
     "canny_condition",
     "default_feather_px",
@@ -103,37 +115,48 @@ class TemplateResult:
     masks: list[np.ndarray]
 
 
-def select_template_faces(faces: list[Face], face_index: int | str, source: str) -> list[int]:
-    """Which faces to repaint.
+def select_template_faces(
+    faces: list[Face], face_index: int | str, source: str, num_faces: int | None = None
+) -> list[int]:
+    """Which faces to repaint, as the release picks them: the ``num_faces`` largest boxes, ordered by left edge.
 
     Args:
         faces: the faces found in the template, in any order.
-        face_index: ``"all"``, or the index of one face counted from the left from 0 (negative counts from the
-            right).
+        face_index: ``"all"``, or the index of one of the kept faces counted from the left from 0 (negative counts
+            from the right).
         source: the template's name, for messages.
+        num_faces: keep only this many faces, the largest boxes (the release's ``num_faces``); ``None`` keeps all.
 
     Returns:
-        Indices into ``faces``, ordered left to right by box centre.
+        Indices into ``faces``, ordered left to right by the box's left edge.
 
     Raises:
         NoFaceError: ``faces`` is empty.
-        FaceIndexError: ``face_index`` is out of range.
-        ValueError: ``face_index`` is neither ``"all"`` nor an integer.
+        FaceIndexError: ``face_index`` is out of range, or the template has fewer than ``num_faces`` faces.
+        ValueError: ``face_index`` is neither ``"all"`` nor an integer, or ``num_faces`` is not a positive integer.
     """
     if not faces:
         raise NoFaceError(source, "no face found in the template; a template needs at least one face to repaint")
-    order = sorted(range(len(faces)), key=lambda i: float(faces[i].bbox[0] + faces[i].bbox[2]) / 2)
+    kept = list(range(len(faces)))
+    if num_faces is not None:
+        if isinstance(num_faces, bool) or not isinstance(num_faces, (int, np.integer)) or num_faces < 1:
+            raise ValueError(f"num_faces must be a whole number >= 1 or None, got {num_faces!r}")
+        if len(faces) < num_faces:
+            raise FaceIndexError(source, f"num_faces is {num_faces}, but the template has {len(faces)} face(s)")
+        kept = sorted(kept, key=lambda i: faces[i].area, reverse=True)[: int(num_faces)]
+    order = sorted(kept, key=lambda i: float(faces[i].bbox[0]))
     if isinstance(face_index, str):
         if face_index != "all":
             raise ValueError(f"face_index must be 'all' or an integer, got {face_index!r}")
         return order
     if isinstance(face_index, bool) or not isinstance(face_index, (int, np.integer)):
         raise ValueError(f"face_index must be 'all' or an integer, got {face_index!r}")
-    if not -len(faces) <= face_index < len(faces):
+    if not -len(order) <= face_index < len(order):
+        which = f"{len(order)} face(s)" if num_faces is None else f"{len(order)} face(s) kept (num_faces)"
         raise FaceIndexError(
             source,
-            f"face index {face_index} requested, but the template has {len(faces)} face(s) "
-            f"(valid: 0 to {len(faces) - 1}, 0 is leftmost, or 'all')",
+            f"face index {face_index} requested, but the template has {which} "
+            f"(valid: 0 to {len(order) - 1}, 0 is leftmost, or 'all')",
         )
     return [order[face_index]]
 
@@ -283,50 +306,100 @@ def paste_back(template: np.ndarray, result_crop: np.ndarray, box: Box, mask_cro
 
 
 def _below_eye_line(face: Face, shape: tuple[int, int]) -> np.ndarray:
-    """``(H, W)`` ``float32``: 1 on the chin side of the line through the eye centres, 0 on the forehead side."""
+    """``(H, W)`` ``bool``: the chin side of the line through the eye centres (perpendicular to eyes -> mouth)."""
     eye_left, eye_right = np.asarray(face.landmarks[:2], dtype=np.float64)
     eyes = (eye_left + eye_right) / 2
     mouth = np.asarray(face.landmarks[3:5], dtype=np.float64).mean(axis=0)
     down = mouth - eyes
     ys, xs = np.mgrid[0 : int(shape[0]), 0 : int(shape[1])]  # (H, W) each
-    return (((xs - eyes[0]) * down[0] + (ys - eyes[1]) * down[1]) > 0).astype(np.float32)
+    return ((xs - eyes[0]) * down[0] + (ys - eyes[1]) * down[1]) > 0
+
+
+def eye_row(face: Face) -> int:
+    """The release's eye line: the row ``int(mean of the two eyes' y)``."""
+    return int((float(face.landmarks[0][1]) + float(face.landmarks[1][1])) / 2)
 
 
 def inpaint_mask(
-    face: Face, shape: tuple[int, int], *, dilation: float = 0.04, below_eyes_dilation: float = 0.1
+    face: Face,
+    shape: tuple[int, int],
+    *,
+    dilation: float = 0.04,
+    below_eyes_dilation: float = 0.1,
+    limit: np.ndarray | None = None,
+    eye_line: str = "horizontal",
 ) -> np.ndarray:
-    """The default repaint region: the face mask dilated a little, and more below the eye line.
+    """The repaint region, by the release's rule (``segment`` in ``inference_inpaint_fact.py`` L161-178, with
+    ``ksize1`` = ``dilation`` and ``ksize`` = ``below_eyes_dilation``) on the landmark face mask:
 
-    Mirrors the official inpainting mask (face mask dilated by 0.04 everywhere and 0.1 below the eyes, as fractions
-    of ``sqrt(face area)``), so the chin and jaw line are regenerated while hair and forehead stay.
+    1. ``m`` = the face mask (:func:`~idfusion.faces.masks.face_mask`), dilated with a square all-ones kernel of
+       side ``int(sqrt(area(m)) * dilation)`` (:func:`~idfusion.faces.masks.dilate_square`);
+    2. ``w`` = ``m`` dilated with a kernel of side ``int(sqrt(area(m)) * below_eyes_dilation)`` (the area of the
+       mask of step 1); with ``limit`` (the release passes the warped generated face) ``w`` is cut to
+       ``m | limit``;
+    3. rows above the eye line (:func:`eye_row`) come from ``m``, the rows from it down from ``w`` (all of ``w``
+       when the eye row is not below the top), so the chin and jaw line are regenerated while hair and forehead
+       stay. A step with a fraction of 0 is skipped, as there.
+
+    Mirrored exactly: the kernels and their sizes, the horizontal eye row, the limit. What differs is the region
+    the rule starts from: the landmark face (brows to chin) instead of M2FP's parsed "Face" (which reaches the
+    hairline); and the template flow passes no ``limit``, having no generated face to warp.
+
+    Args:
+        face: the face in the mask's coordinates.
+        shape: ``(H, W)``.
+        dilation, below_eyes_dilation: the release's ``ksize1`` (0.04) and ``ksize`` (0.1).
+        limit: ``(H, W)`` mask the growth below the eyes may reach beyond ``m`` (``None``: no limit).
+        eye_line: ``"horizontal"`` (the release's image row) or ``"tilted"`` (idfusion's option: the line through
+            the eye centres, perpendicular to the eyes-to-mouth axis, which follows a tilted head).
 
     Returns:
         ``(H, W)`` ``float32`` binary mask.
     """
-    base = face_mask(face, shape, dilation=dilation)
-    wide = face_mask(face, shape, dilation=below_eyes_dilation)
-    return np.maximum(base, wide * _below_eye_line(face, shape))
+    if dilation < 0 or below_eyes_dilation < 0:
+        raise ValueError(f"dilation and below_eyes_dilation must be >= 0, got {dilation}, {below_eyes_dilation}")
+    if eye_line not in ("horizontal", "tilted"):
+        raise ValueError(f"eye_line must be 'horizontal' or 'tilted', got {eye_line!r}")
+    mask = face_mask(face, shape, dilation=0.0)
+    if not mask.any():
+        return mask
+    if dilation > 0:
+        mask = dilate_square(mask, int(np.sqrt(mask.sum()) * dilation))
+    if below_eyes_dilation <= 0:
+        return mask
+    wide = dilate_square(mask, int(np.sqrt(mask.sum()) * below_eyes_dilation))
+    if limit is not None:
+        limit = np.asarray(limit, dtype=np.float32)
+        if limit.shape != mask.shape:
+            raise ValueError(f"limit must have shape {mask.shape}, got {limit.shape}")
+        wide = wide * np.clip(mask + limit, 0.0, 1.0)
+    if eye_line == "tilted":
+        return np.where(_below_eye_line(face, shape), wide, mask).astype(np.float32)
+    row = eye_row(face)
+    if row <= 0:
+        return wide
+    return np.concatenate([mask[:row], wide[row:]], axis=0)
 
 
 def canny_condition(
     image: PIL.Image.Image, face: Face | None = None, *, low: int = 100, high: int = 200, dilation: float = 0.05
 ) -> PIL.Image.Image:
-    """Canny edge map for a Canny ControlNet, with the face region removed (spec §5.2, stage B).
+    """Canny edge map for a Canny ControlNet, with the face region removed (spec §5.2, stage B; release L339-345).
 
-    Usable directly as a control hook. The removed region is the face mask, dilated by ``dilation`` of
-    ``sqrt(face area)`` below the eye line, so the ControlNet does not pin the template's facial features.
+    Usable directly as a control hook. As the release, the edges are OpenCV's Canny of the RGB image itself (its
+    multi-channel gradient, not a grey conversion), and the removed region is :func:`inpaint_mask` with no overall
+    growth and ``dilation`` below the eye line, so the ControlNet does not pin the template's facial features.
 
     Args:
         image: RGB crop.
         face: the face in the crop's coordinates; ``None`` keeps all edges.
         low, high: Canny hysteresis thresholds (official 100, 200).
-        dilation: extra growth of the removed region below the eyes.
+        dilation: growth of the removed region below the eyes (official 0.05).
 
     Returns:
         RGB image, white edges on black.
     """
-    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
-    edges = cv2.Canny(gray, low, high)
+    edges = cv2.Canny(np.ascontiguousarray(np.asarray(image.convert("RGB"))), low, high)
     if face is not None:
         region = inpaint_mask(face, edges.shape, dilation=0.0, below_eyes_dilation=dilation)
         edges[region > 0] = 0
@@ -369,6 +442,10 @@ class TemplatePortrait:
         feather_px: feather radius of the paste mask in working-size pixels; ``None`` uses
             :func:`default_feather_px` (18 at 512). The paste alpha is the repaint mask, blurred, with the other
             template faces cut out before and after blurring.
+        num_faces: the release's ``num_faces``: only this many largest faces are template faces (indexed from
+            the left, blacked out while another is repainted); ``None`` (default) takes every face found.
+        black_out_others: as the release, set the other template faces' boxes to black in the crop the inpainter
+            sees (they are never pasted back); ``False`` shows them as they are (idfusion's option).
     """
 
     def __init__(
@@ -382,6 +459,8 @@ class TemplatePortrait:
         face_fraction: float = 0.7,
         work_size: int = 512,
         feather_px: int | None = None,
+        num_faces: int | None = None,
+        black_out_others: bool = True,
     ) -> None:
         if not 0 < face_fraction <= 1:
             raise ValueError(f"face_fraction must be in (0, 1], got {face_fraction}")
@@ -397,6 +476,10 @@ class TemplatePortrait:
         self.face_fraction = face_fraction
         self.work_size = work_size
         self.feather_px = default_feather_px(work_size) if feather_px is None else feather_px
+        if num_faces is not None and (isinstance(num_faces, bool) or not isinstance(num_faces, int) or num_faces < 1):
+            raise ValueError(f"num_faces must be a whole number >= 1 or None, got {num_faces!r}")
+        self.num_faces = num_faces
+        self.black_out_others = bool(black_out_others)
 
     @property
     def analyzer(self) -> FaceAnalyzer:
@@ -425,12 +508,21 @@ class TemplatePortrait:
         return protected
 
     def _repaint(
-        self, current: np.ndarray, face: Face, index: int, others: list[Face]
+        self, current: np.ndarray, face: Face, index: int, others: list[Face], blacked: list[Face]
     ) -> tuple[np.ndarray, Box, np.ndarray]:
-        """Repaint one face of ``current``; returns the new image, the crop box and the template-size alpha."""
+        """Repaint one face of ``current``; returns the new image, the crop box and the template-size alpha.
+        ``others`` are protected from the paste, ``blacked`` are blacked out in what the inpainter sees."""
         size = self.work_size
         box = square_crop_box(face, self.face_fraction)
-        crop = PIL.Image.fromarray(crop_with_padding(current, box, size))
+        seen = current
+        if blacked:
+            seen = current.copy()
+            for other in blacked:
+                # the release's boxes are truncated to integers (int16); clipped at 0 so a box past the left or top
+                # edge does not wrap around
+                x1, y1, x2, y2 = (max(int(v), 0) for v in other.bbox)
+                seen[y1:y2, x1:x2] = 0
+        crop = PIL.Image.fromarray(crop_with_padding(seen, box, size))
         local = crop_face(face, box, size)
 
         keep = 1.0 - self._protected(others, box)
@@ -487,8 +579,8 @@ class TemplatePortrait:
         one template detect its faces once)."""
         check_face_index(face_index)
         source = loaded.name
-        chosen = select_template_faces(faces, face_index, source)
-        order = select_template_faces(faces, "all", source)
+        chosen = select_template_faces(faces, face_index, source, self.num_faces)
+        order = select_template_faces(faces, "all", source, self.num_faces)
         position = {face_id: rank for rank, face_id in enumerate(order)}
 
         current = loaded.array.copy()
@@ -497,6 +589,7 @@ class TemplatePortrait:
         for step, face_id in enumerate(chosen, start=1):
             face = faces[face_id]
             others = [other for i, other in enumerate(faces) if i != face_id]
+            blacked = [faces[i] for i in order if i != face_id] if self.black_out_others else []
             logger.info(
                 "template %s: repainting face %d (%d of %d), box %s",
                 source,
@@ -505,12 +598,63 @@ class TemplatePortrait:
                 len(chosen),
                 [round(float(v)) for v in face.bbox],
             )
-            current, box, alpha = self._repaint(current, face, position[face_id], others)
+            current, box, alpha = self._repaint(current, face, position[face_id], others, blacked)
             boxes.append(box)
             masks.append(alpha)
         return TemplateResult(
             image=PIL.Image.fromarray(current), faces=[faces[i] for i in chosen], boxes=boxes, masks=masks
         )
+
+
+def _pose_hook(pipe: Any) -> ControlHook:
+    """The OpenPose condition of a crop, drawn as the release draws its stage-B pose (face and hands, no body);
+    a crop's pose is the same for every seed, so it is estimated once."""
+    from ..pose import draw_openpose
+
+    skeletons: dict[bytes, PIL.Image.Image] = {}
+
+    def hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
+        key = hashlib.sha1(crop.tobytes()).digest()
+        if key not in skeletons:
+            estimator = pipe.pose_preprocessor.estimator  # raises naming the DWPose files when absent
+            people = estimator(np.asarray(crop.convert("RGB")))
+            skeletons[key] = draw_openpose(people, (crop.height, crop.width), body=False, hands=True, face=True)
+        return skeletons[key]
+
+    return hook
+
+
+def _control_hooks(
+    pipe: Any, controls: Sequence[str] | None, use_pose: bool, custom: Mapping[str, ControlHook]
+) -> dict[str, ControlHook]:
+    """The hooks for a template call: ``controls`` (default: the pipeline's ``template_controls()``, plus
+    ``"pose"`` when ``use_pose``), then the custom hooks, which replace a built-in of the same name."""
+    explicit = controls is not None
+    if controls is None:
+        defaults = getattr(pipe, "template_controls", None)
+        controls = list(defaults()) if callable(defaults) else []
+    names = list(dict.fromkeys([*controls, *(["pose"] if use_pose else [])]))
+    hooks: dict[str, ControlHook] = {}
+    for name in names:
+        if name in custom:
+            continue
+        if name == "canny":
+            hooks[name] = canny_condition
+        elif name == "pose":
+            pose_preprocessor = getattr(pipe, "pose_preprocessor", None)
+            if pose_preprocessor is None:
+                raise ValueError(f"{type(pipe).__name__} has no pose support: the 'pose' control cannot be used")
+            if not (explicit or use_pose):
+                try:
+                    _ = pose_preprocessor.estimator  # a default condition: without DWPose, go on without it
+                except ModelFilesError as error:
+                    logger.warning("template: the pose condition needs DWPose; continuing without it (%s)", error)
+                    continue
+            hooks[name] = _pose_hook(pipe)
+        else:
+            raise ValueError(f"unknown control {name!r}: the built-in ones are 'pose' and 'canny'")
+    hooks.update(custom)
+    return hooks
 
 
 def template_portraits(
@@ -523,6 +667,7 @@ def template_portraits(
     strength: float = 0.6,
     prompt: str | None = None,
     use_pose: bool = False,
+    controls: Sequence[str] | None = None,
     num_images: int = 1,
     seed: int | Sequence[int] | None = None,
     max_images: int | None = None,
@@ -533,8 +678,9 @@ def template_portraits(
 
     Each chosen template face (left to right, or ``"all"``) is cut out in a square crop at the model's native size,
     its face region is inpainted with the identity, and the crop is pasted back through a feathered mask; every pixel
-    outside that mask is the template's. The identity is encoded once (``pipe.encode_identity(faces)``) for every
-    face and result.
+    outside that mask is the template's. The identity is encoded once (``pipe.encode_identity(faces)``, with the
+    pipeline's ``template_defaults["identity_options"]`` and those ``call_options`` it takes) for every face and
+    result. Every control hook's image reaches the inpainting call as ``control_images`` (by name).
 
     Args:
         pipe: an :class:`~idfusion.pipelines.core.IdentityPipeline` whose ``__call__`` inpaints.
@@ -542,18 +688,23 @@ def template_portraits(
         faces, identity: the identity photos, or the call arguments ``pipe.encode_identity`` made from them.
         face_index: template face to repaint, counted from the left (0 = leftmost), or ``"all"``.
         strength: inpainting strength (0, 1].
-        prompt: default the pipeline's ``template_defaults["prompt"]``.
-        use_pose: also keep the template's pose: a ``"pose"`` control hook estimates the crop's pose and the call
-            gets it as ``pose_image`` (needs the pipeline's pose support and the DWPose models).
+        prompt: default the pipeline's ``template_defaults["prompt"]``, else the pipeline's own default.
+        use_pose: also keep the template's pose (the ``"pose"`` control) where the defaults do not already; it
+            needs the pipeline's pose support and the DWPose models.
+        controls: the ControlNet conditions to use, by name (``"pose"``: the crop's OpenPose face and hands,
+            ``"canny"``: :func:`canny_condition`); default the pipeline's ``template_controls()`` (FACT: the
+            release's [OpenPose, Canny], those whose ControlNet is loaded; a default pose without the DWPose models
+            is skipped with a warning). ``()`` uses none.
         num_images: results, one seed each; ``max_images`` bounds it.
-        flow_options: :class:`TemplatePortrait` options (``mask_fn``, ``retouch``, ``analyzer``, ``control_hooks``,
-            ``face_fraction``, ``feather_px``).
+        flow_options: :class:`TemplatePortrait` options (``mask_fn``, ``retouch``, ``analyzer``, ``control_hooks``
+            (custom hooks by name, added to ``controls``), ``face_fraction``, ``feather_px``, ``num_faces``,
+            ``black_out_others``).
         call_options: further ``pipe(...)`` arguments (``negative_prompt``, ``adapter_scale``, steps, ...).
 
     Returns:
         ``IdentityPipelineOutput``: template-size images, metadata, reference crops.
     """
-    import hashlib
+    import inspect
     import os
 
     from ..outputs import file_sha256
@@ -563,37 +714,38 @@ def template_portraits(
         raise ValueError(f"num_images must be 1 to {max_images}, got {num_images}")
     check_face_index(face_index)
     check_one_identity(faces, identity, "identity")
-    identity = dict(identity) if identity is not None else pipe.encode_identity(faces)
+    defaults = dict(getattr(pipe, "template_defaults", {}) or {})
+    if identity is None:
+        options = dict(defaults.pop("identity_options", {}))
+        accepted = inspect.signature(pipe.encode_identity).parameters
+        options.update({k: v for k, v in call_options.items() if k in accepted and k != "faces"})
+        identity = pipe.encode_identity(faces, **options)
+    else:
+        defaults.pop("identity_options", None)
+        identity = dict(identity)
     references = next((v.references for v in identity.values() if hasattr(v, "references")), [])
     from_file = isinstance(template, (str, os.PathLike))
     size = pipe.native_size()
     options = dict(flow_options or {})
-    control_hooks = dict(options.pop("control_hooks", None) or {})
-    if use_pose:
-        from ..pose import pose_condition
-
-        skeletons: dict[bytes, PIL.Image.Image] = {}  # a face's crop is the same for every seed: estimate once
-
-        def pose_hook(crop: PIL.Image.Image, face: Face) -> PIL.Image.Image:
-            key = hashlib.sha1(crop.tobytes()).digest()
-            if key not in skeletons:
-                estimator = pipe.pose_preprocessor.estimator  # raises naming the DWPose files when absent
-                skeletons[key] = pose_condition(crop, (crop.height, crop.width), estimator=estimator, mode="photo")
-            return skeletons[key]
-
-        control_hooks["pose"] = pose_hook
+    control_hooks = _control_hooks(pipe, controls, use_pose, dict(options.pop("control_hooks", None) or {}))
+    if control_hooks and "control_images" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(
+            f"{type(pipe).__name__} takes no ControlNet conditions, so the control hooks {sorted(control_hooks)} "
+            "cannot be used"
+        )
     options.setdefault("analyzer", pipe.default_face_analyzer())
-    text = prompt if prompt is not None else getattr(pipe, "template_defaults", {}).get("prompt")
+    template_prompt = defaults.pop("prompt", None)
+    text = prompt if prompt is not None else template_prompt
+    call_defaults = {**defaults, **call_options}  # the pipeline's other template defaults, then the caller's
 
     calls: list[dict] = []  # each inpainting call's metadata, for the current result
     current = {"seed": 0}
 
     def inpaint(crop: TemplateCrop) -> PIL.Image.Image:
-        pose = crop.control_images.get("pose")
-        extra = {"pose_image": pose, "pose_mode": "skeleton"} if pose is not None else {}
+        extra = {"control_images": dict(crop.control_images)} if crop.control_images else {}
         out = pipe(
             **identity, prompt=text, image=crop.image, mask_image=crop.mask_image, strength=strength,
-            seed=current["seed"], height=size, width=size, **extra, **call_options,
+            seed=current["seed"], height=size, width=size, **extra, **call_defaults,
         )  # fmt: skip
         calls.append(out.metadata[0])
         return out.images[0]

@@ -15,6 +15,10 @@ Pieces, named as in the official checkpoints (spec ``facechain-fact.md`` §2, §
   site's ``ln`` (the release's relocated ``norm2``) normalises the adapted stream. The UNet's modules are unchanged.
 - :class:`TextOnlyControlNetProcessor`: ControlNets get the same context and drop the trailing face tokens.
 
+Precision follows the release: TransFace and the resampler keep float32 weights under a float16/bfloat16 pipeline
+(only TransFace's linear layers run under float16 autocast, on CUDA); the adapter sites take the UNet's dtype.
+The release's prompts (:data:`PROMPTS`), photo sizes and ControlNet scales are here as constants.
+
 :func:`load_fact_adapter` loads an official adapter ``.ckpt`` (both base models share the format) and
 :func:`load_transface` the TransFace weights, strictly; :func:`fact_adapter_key_map` is the key map between the
 checkpoint and :class:`FactFaceAdapter`, written once.
@@ -39,6 +43,10 @@ from ..serialization import check_state_dict, format_keys, load_tensor_file
 
 __all__ = [
     "ADAPTER_FILES",
+    "CONTROL_SCALES",
+    "PROMPTS",
+    "limit_photo_size",
+    "best_scoring_face",
     "TRANSFACE_FILE",
     "UNUSED_PREFIXES",
     "TransFaceViT",
@@ -84,14 +92,74 @@ INPAINT_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.0, "scheduler
 #: The official app caps a request at 6 portraits.
 MAX_IMAGES = 6
 
-#: Our wording of the release's prompt conventions (the A1111 "(word:2)" weights of the originals are not
-#: understood by a plain CLIP encoder, so they are left out).
+#: The release downsizes the user photo to this long side before masking and alignment: 1000 px for text-to-image
+#: (``inference_fact.py`` L397-401), 2000 px in the template flow (``inference_inpaint_fact.py`` L790-794).
+PHOTO_MAX_SIDE = 1000
+INPAINT_PHOTO_MAX_SIDE = 2000
+
+#: The ControlNet conditioning scale of each condition in the release's template stage B (OpenPose of the face and
+#: hands, Canny of the template with the face removed; ``inference_inpaint_fact.py`` L375-398), and of the pose in
+#: text-to-image (1.0 with a pose image).
+CONTROL_SCALES = {"pose": 1.0, "canny": 0.2}
+#: The order the release stacks its ControlNets in (``MultiControlNetModel([openpose, canny])``).
+CONTROL_ORDER = ("pose", "canny")
+
+#: The release's prompts, exactly as it passes them to CLIP. Its A1111-style weights ("(word:2)") are not parsed by
+#: diffusers' plain ``_encode_prompt``, so the release reads them as text, and so does idfusion.
+#: ``facechain/constants.py`` ``neg_prompt``: the text-to-image negative prompt.
+RELEASE_NEGATIVE_PROMPT = (
+    "(nsfw:2), paintings, sketches, (worst quality:2), (low quality:2), lowers, normal quality, ((monochrome)), "
+    "((grayscale)), logo, word, character, bad hand, tattoo, (username, watermark, signature, time signature, "
+    "timestamp, artist name, copyright name, copyright),low res, ((monochrome)), ((grayscale)), skin spots, acnes, "
+    "skin blemishes, age spot, glans, extra fingers, fewer fingers, strange fingers, bad hand, mole, ((extra legs)), "
+    "((extra hands))"
+)
+#: ``app.py`` ``launch_pipeline_inpaint`` (and ``run_inference_inpaint.py``): the template flow's prompts.
+RELEASE_TEMPLATE_PROMPT = (
+    "raw photo, masterpiece, simple background, solo, medium shot, high detail face, photorealistic, best quality, "
+    "wearing T-shirt"
+)
+RELEASE_TEMPLATE_NEGATIVE_PROMPT = (
+    "nsfw, paintings, sketches, (worst quality:2), (low quality:2) lowers, normal quality, ((monochrome)), "
+    "((grayscale)), logo, word, character"
+)
+#: The release always has a style; without one, idfusion fills the release's style template
+#: (``pos_prompt_with_style``, :data:`idfusion.styles.FACECHAIN_PROMPT_WITH_STYLE`) with the subject alone.
+RELEASE_DEFAULT_PROMPT = (
+    "a person, upper_body, raw photo, masterpiece, solo, medium shot, high detail face, photorealistic, best quality"
+)
+
+#: idfusion's rewording (``prompt_wording="idfusion"``): no A1111 weights, no duplicates, plainer words.
 DEFAULT_PROMPT = "a person, upper body, raw photo, high detail face, photorealistic, best quality"
 TEMPLATE_PROMPT = "raw photo, simple background, upper body, high detail face, photorealistic, best quality"
 NEGATIVE_PROMPT = (
     "nsfw, paintings, sketches, worst quality, low quality, lowres, normal quality, monochrome, grayscale, logo, "
     "text, watermark, username, skin spots, acne, blemishes, bad hands, extra fingers, fewer fingers, extra limbs"
 )
+
+#: The default prompts of each wording: ``(text-to-image prompt, negative)`` and ``(template prompt, negative)``.
+PROMPTS = {
+    "release": {
+        "prompt": RELEASE_DEFAULT_PROMPT,
+        "negative_prompt": RELEASE_NEGATIVE_PROMPT,
+        "template_prompt": RELEASE_TEMPLATE_PROMPT,
+        "template_negative_prompt": RELEASE_TEMPLATE_NEGATIVE_PROMPT,
+    },
+    "idfusion": {
+        "prompt": DEFAULT_PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "template_prompt": TEMPLATE_PROMPT,
+        "template_negative_prompt": NEGATIVE_PROMPT,
+    },
+}
+
+#: The style LoRA the release merges into text-to-image when the style brings none (``inference_fact.py``
+#: L456-460): ModelScope ``Cherrytest/zjz_mj_jiyi_small_addtxt_fromleo`` rev ``v1.0.0``, at the style weight (the
+#: release's scripts and app default to 0.25). The template flow merges no LoRA.
+DEFAULT_STYLE_LORA_REPO = "Cherrytest/zjz_mj_jiyi_small_addtxt_fromleo"
+DEFAULT_STYLE_LORA_REVISION = "v1.0.0"
+DEFAULT_STYLE_LORA_FILE = "zjz_mj_jiyi_small_addtxt_fromleo.safetensors"
+DEFAULT_STYLE_WEIGHT = 0.25
 
 RESAMPLER_PREFIX = "local_fac_prj."
 _PROCESSOR_INFIX = ".attn2.processor."
@@ -101,6 +169,36 @@ TOKENS_PER_FACE = 16
 UNUSED_PREFIXES = {
     "global_fac_prj.": "the trainer's projector of TransFace's global embedding, unused by FACT's inference",
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision: the release keeps TransFace and the resampler in float32 under its float16 pipeline
+
+
+class _Float32Weights:
+    """Mixin for an ``nn.Module`` whose floating-point weights stay ``float32`` whatever ``.to()``, ``.half()`` or a
+    pipeline's ``torch_dtype`` asks; device moves still apply. The release builds TransFace and the resampler in
+    float32 and never casts them (only its adapter processors become float16, ``face_adapter_v1.py`` L320)."""
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(tensor):
+            moved = fn(tensor)
+            if tensor.is_floating_point() and moved.is_floating_point() and moved.dtype != torch.float32:
+                # a dtype cast: take only its device, from the original values (a round trip would lose bits)
+                return tensor.to(device=moved.device, dtype=torch.float32)
+            return moved
+
+        return super()._apply(keep_float32, recurse)
+
+
+#: The dtype TransFace's linear layers run in under autocast on CUDA, as the release's ``torch.cuda.amp.autocast``.
+TRANSFACE_AUTOCAST_DTYPE = torch.float16
+
+
+def _matmul_autocast(x: torch.Tensor, dtype: torch.dtype | None, enabled: bool = True):
+    """The release's ``torch.cuda.amp.autocast(True)`` around TransFace's linear layers: on CUDA only (on other
+    devices the release's context does nothing either)."""
+    return torch.autocast("cuda", dtype=dtype or torch.float16, enabled=enabled and dtype is not None and x.is_cuda)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,14 +223,17 @@ class _TransFaceAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
         batch, length, dim = x.shape
-        # (B, L, 3C) -> (3, B, heads, L, C/heads)
-        qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()  # softmax attention in fp32, as released
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, length, dim).to(x.dtype)  # (B, L, C)
-        return self.proj(out)
+        with _matmul_autocast(x, autocast):
+            # (B, L, 3C) -> (3, B, heads, L, C/heads)
+            qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        with _matmul_autocast(x, autocast, enabled=False):  # softmax attention in fp32, as released
+            q, k, v = qkv[0].float(), qkv[1].float(), qkv[2].float()
+            out = F.scaled_dot_product_attention(q, k, v)
+            out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, L, C)
+        with _matmul_autocast(x, autocast):
+            return self.proj(out)
 
 
 class _TransFaceBlock(nn.Module):
@@ -143,9 +244,10 @@ class _TransFaceBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _TransFaceMlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), autocast)
+        with _matmul_autocast(x, autocast):
+            return x + self.mlp(self.norm2(x))  # the residual stream stays float32 (type promotion)
 
 
 class _PatchEmbed(nn.Module):
@@ -161,13 +263,17 @@ class _PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
 
 
-class TransFaceViT(ModelMixin, ConfigMixin):
+class TransFaceViT(_Float32Weights, ModelMixin, ConfigMixin):
     """TransFace ViT (Dan et al., ICCV 2023) in the key naming of its ``backbones/vit.py``.
 
     Defaults are ViT-S as FACT uses it: 112x112 input, 9x9 patches (144 tokens, no CLS token), width 512, 12 blocks
     of 8-head attention (qkv without bias) and a ReLU6 MLP (ratio 4), LayerNorms, a learned position embedding, then
     the SE patch re-weighting ``senet`` and the embedding head ``feature``. ``mask_token`` is a training-only
     parameter, kept so the released weights load strictly. Patch masking and drop-path are training-only and absent.
+
+    Precision, as the release: the weights are always ``float32`` (a float16/bfloat16 pipeline does not cast them);
+    on CUDA the linear layers run under autocast (:attr:`autocast_dtype`, float16; ``None``: all float32) while the
+    attention softmax, the residual stream and the final LayerNorm stay float32. Elsewhere all is float32.
 
     Args:
         img_size (`int`, defaults to 112): input side.
@@ -178,6 +284,9 @@ class TransFaceViT(ModelMixin, ConfigMixin):
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width / token width.
         num_features (`int`, defaults to 512): width of the global embedding (``num_classes`` upstream).
     """
+
+    # diffusers' from_pretrained(torch_dtype=...) loads these in float32 (every top-level part: all of it)
+    _keep_in_fp32_modules = ["patch_embed", "pos_embed", "blocks", "norm", "feature", "mask_token", "senet"]
 
     @register_to_config
     def __init__(
@@ -204,12 +313,19 @@ class TransFaceViT(ModelMixin, ConfigMixin):
             nn.BatchNorm1d(num_features, eps=2e-5),
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        #: autocast dtype of the linear layers on CUDA (the release's float16); ``None`` runs them in float32
+        self.autocast_dtype: torch.dtype | None = TRANSFACE_AUTOCAST_DTYPE
         self.senet = nn.Sequential(
             nn.Linear(embed_dim * num_patches, num_patches, bias=False),
             nn.ReLU(),
             nn.Linear(num_patches, num_patches, bias=False),
             nn.Sigmoid(),
         )
+
+    def to(self, *args, **kwargs):
+        # plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast of a model with
+        # _keep_in_fp32_modules, but here the float32 parts stay float32 by construction (_Float32Weights)
+        return nn.Module.to(self, *args, **kwargs)
 
     def forward(
         self, pixel_values: torch.Tensor, return_global: bool = False
@@ -225,10 +341,10 @@ class TransFaceViT(ModelMixin, ConfigMixin):
             `torch.Tensor` of shape `(B, 144, 512)`: the tokens after the final LayerNorm (FACT's "local" output),
             or a tuple ``(tokens, embedding)`` with ``embedding`` of shape `(B, 512)` when ``return_global``.
         """
-        x = self.patch_embed(pixel_values) + self.pos_embed
+        x = self.patch_embed(pixel_values.float()) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
-        tokens = self.norm(x)
+            x = block(x, self.autocast_dtype)
+        tokens = self.norm(x.float())
         if not return_global:
             return tokens
         batch = tokens.shape[0]
@@ -278,6 +394,41 @@ def preprocess_transface(images) -> torch.Tensor:
         raise ValueError(f"expected RGB crops of shape (B, H, W, 3), got {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float()  # (B, H, W, 3) -> (B, 3, H, W)
     return (x / 255.0 - 0.5) / 0.5
+
+
+def limit_photo_size(image, max_side: int | None):
+    """The release's photo downsizing: when the long side exceeds ``max_side``, resize by ``max_side / long side``
+    to ``(int(w * scale), int(h * scale))`` with PIL's default filter (bicubic), as ``inference_fact.py`` L397-401.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB array.
+        max_side: the longest side allowed (:data:`PHOTO_MAX_SIDE`, :data:`INPAINT_PHOTO_MAX_SIDE`); ``None`` keeps
+            the photo as it is.
+
+    Returns:
+        ``(H', W', 3)`` uint8 RGB array (the input itself when it is small enough).
+    """
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    if max_side is None or max(height, width) <= max_side:
+        return pixels
+    if max_side < 1:
+        raise ValueError(f"max_side must be at least 1, got {max_side}")
+    scale = max_side / max(width, height)
+    size = (int(width * scale), int(height * scale))
+    return np.asarray(PIL.Image.fromarray(pixels).resize(size, PIL.Image.BICUBIC))
+
+
+def best_scoring_face(faces):
+    """The face the release encodes: the highest detection score (``detect`` in ``face_adapter_v1.py``:
+    ``argmax(scores)``, the first on a tie), not the largest."""
+    if not faces:
+        raise ValueError("no faces to choose from")
+    scores = [float(face.det_score) for face in faces]
+    return faces[scores.index(max(scores))]
 
 
 def face_crop(image, landmarks, head_mask=None):
@@ -341,11 +492,14 @@ class _PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(batch, length, -1))  # (B, L, heads*d) -> (B, L, dim)
 
 
-class FaceResampler(nn.Module):
+class FaceResampler(_Float32Weights, nn.Module):
     """The Perceiver resampler FACT names ``local_fac_prj`` (IP-Adapter-Plus style).
 
     ``[B, 144, 512]`` TransFace tokens → ``proj_in`` → ``depth`` x (PerceiverAttention + FeedForward, residual) over
     16 learned latents → ``proj_out`` → ``norm_out`` → ``[B, 16, 768]``.
+
+    Always ``float32`` and run without autocast, as the release (a float16/bfloat16 pipeline does not cast it; its
+    face tokens are cast to the UNet's dtype where they enter the context).
 
     Args:
         dim (`int`, defaults to 1024): latent width.
@@ -395,7 +549,7 @@ class FaceResampler(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, 144, embedding_dim)`` face tokens → ``(B, num_queries, output_dim)``."""
         latents = self.latents.expand(tokens.shape[0], -1, -1)
-        x = self.proj_in(tokens)
+        x = self.proj_in(tokens.to(self.latents.dtype))
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
@@ -542,6 +696,9 @@ class FactFaceAdapter(ModelMixin, ConfigMixin):
         resampler_config: :class:`FaceResampler` arguments.
     """
 
+    # the resampler stays float32 (see FaceResampler); the sites take the UNet's dtype
+    _keep_in_fp32_modules = ["resampler"]
+
     @register_to_config
     def __init__(
         self,
@@ -568,6 +725,11 @@ class FactFaceAdapter(ModelMixin, ConfigMixin):
             if isinstance(block.norm2, nn.LayerNorm) and not block.norm2.weight.is_meta:
                 site.ln.load_state_dict(block.norm2.state_dict())
         return adapter.to(dtype=unet.dtype)
+
+    def to(self, *args, **kwargs):
+        # plain nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast of a model with
+        # _keep_in_fp32_modules, but here the float32 parts stay float32 by construction (_Float32Weights)
+        return nn.Module.to(self, *args, **kwargs)
 
     def forward(self, *args, **kwargs):  # pragma: no cover - read by the processors, not called
         raise RuntimeError("FactFaceAdapter is read by FACT's attention processors; encode faces with .resampler")

@@ -78,7 +78,7 @@ logger = logging.getLogger(__name__)
 #: ``out = cond + 5 (cond - uncond)`` (a standard guidance scale of 6), adapter multiplier 0.8 in the conditional
 #: branch, 512 px.
 DEFAULTS = {"num_inference_steps": 40, "guidance_scale": 6.0, "feed_scale": 0.8}
-SCHEDULER = "dpm++-3s"
+SCHEDULER = "feedface-dpm"  # the release's DPM-Solver++ "fast" order 3 (idfusion.schedulers)
 #: UniDiffuser's discrete VP schedule (Stable Diffusion's betas).
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,

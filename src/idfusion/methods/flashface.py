@@ -47,6 +47,7 @@ __all__ = [
     "build_flashface_models",
     "attach_reference_processors",
     "reference_multiplicities",
+    "OFFICIAL_FACE_BOX",
     "face_position_mask",
     "forward_with_shared_down_path",
     "flashface_guidance",
@@ -401,15 +402,21 @@ def forward_with_shared_down_path(
     return unet.conv_out(sample)
 
 
+#: The official demo's default face position (``demo_gradio.py``): upper middle of the canvas.
+OFFICIAL_FACE_BOX = (0.3, 0.1, 0.6, 0.4)
+
+
 def face_position_mask(box: Sequence[float] | None, height: int, width: int, scale: int = 8) -> torch.Tensor:
     """The official face-position channel: ``(1, 1, H/8, W/8)``, 1 inside a square of side ``max(w, h)`` anchored at
-    the box's top-left corner (relative coordinates ``x1, y1, x2, y2``), 0 elsewhere; no box (or all zeros): zeros."""
+    the box's top-left corner (relative coordinates ``x1, y1, x2, y2``), 0 elsewhere; no box (or all zeros): zeros.
+
+    As the release rounds: each coordinate is truncated to pixels first, then ``w = x2 - x1``, ``h = y2 - y1``."""
     mask = torch.zeros(1, 1, height, width)
     if box is not None and any(box):
-        x1, y1, x2, y2 = box
-        side = max((x2 - x1) * width, (y2 - y1) * height)
-        left, top = int(x1 * width), int(y1 * height)
-        mask[..., top : top + int(side), left : left + int(side)] = 1.0
+        x1, x2 = (int(v * width) for v in (box[0], box[2]))
+        y1, y2 = (int(v * height) for v in (box[1], box[3]))
+        side = max(x2 - x1, y2 - y1)
+        mask[..., y1 : y1 + side, x1 : x1 + side] = 1.0
     return mask[..., ::scale, ::scale].contiguous()  # stride slicing, as the official code subsamples
 
 

@@ -13,9 +13,12 @@ FlashFace and FeedFace run their own loops through :meth:`IdentityPipeline.step_
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -184,6 +187,45 @@ def identity_embedding(
     return identity / identity.norm(dim=1, keepdim=True), references
 
 
+@contextmanager
+def _untied(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Within the context, modules and parameters that share storage under several names are separate copies,
+    because safetensors refuses to write one tensor twice: GPT-2 ties ``lm_head`` to its token embedding (loading
+    ties it again), and a converted UniDiffuser U-ViT gives ``vae_img_in`` and ``transformer.pos_embed`` the same
+    official tensor."""
+    restore: list[tuple[torch.nn.Module, str, Any, bool]] = []
+    try:
+        for root in modules:
+            owners: dict[int, str] = {}
+            for name, module in list(root.named_modules(remove_duplicate=False)):
+                if not name:
+                    continue
+                if id(module) in owners:
+                    parent_name, _, child = name.rpartition(".")
+                    parent = root.get_submodule(parent_name) if parent_name else root
+                    restore.append((parent, child, module, True))
+                    setattr(parent, child, copy.deepcopy(module))
+                else:
+                    owners[id(module)] = name
+            seen: set[int] = set()
+            for module in root.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is None or param.device.type == "meta":
+                        continue
+                    pointer = param.untyped_storage().data_ptr()
+                    if pointer in seen:
+                        restore.append((module, name, param, False))
+                        module._parameters[name] = torch.nn.Parameter(param.detach().clone(), param.requires_grad)
+                    seen.add(pointer)
+        yield
+    finally:
+        for owner, name, original, is_module in reversed(restore):
+            if is_module:
+                setattr(owner, name, original)
+            else:
+                owner._parameters[name] = original
+
+
 def _json_config(config: Any) -> dict[str, Any]:
     """A scheduler config as JSON can hold it: non-finite floats (``lambda_min_clipped: -inf``, the default) are left
     out and come back as defaults when the scheduler is built again."""
@@ -231,6 +273,11 @@ class IdentityPipeline(DiffusionPipeline):
 
     @model_info.setter
     def model_info(self, info: dict[str, Any]) -> None:
+        info = dict(info)
+        for key in ("model", "base_model"):  # local folders recorded absolute, so --from replays from any folder
+            value = info.get(key)
+            if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+                info[key] = str(Path(value).resolve())
         self._model_info = {"method": self.method, **info}
 
     def model_metadata(self) -> dict[str, Any]:
@@ -242,6 +289,12 @@ class IdentityPipeline(DiffusionPipeline):
         if files:
             info["model_files"] = {name: file_sha256(path) for name, path in files.items()}
         return info
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (safetensors), with shared weights stored once per name (see ``_untied``)."""
+        modules = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+        with _untied(modules):
+            super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_saved_folder(cls, folder: str | Path, *, torch_dtype: torch.dtype | None = None, **kwargs: Any):

@@ -17,7 +17,7 @@ from ..images import ImageInput
 from ..loras import DEFAULT_LCM_LORA, activate_loras
 from ..methods import adaface
 from ..outputs import encode_array
-from ..prompt_encoders import encode_arcface_id_prompt, encode_text
+from ..prompt_encoders import encode_arcface_id_prompt, encode_text, inject_token_embeddings
 from .core import FaceAnalysisNeeds, FaceInput, IdentityPipeline, IdentityPipelineOutput
 from .scheduling import make_scheduler
 from .sd15_sampling import sample_sd15
@@ -43,6 +43,7 @@ BASE_REQUIRED_FILES = (
 )
 # The wrapper's default negative prompt (PuLID-derived).
 DEFAULT_PROMPT = "a photo of z"
+CONSISTENTID_SCALE = 6.0  # the release's ID-CFG scale of the ConsistentID branch (its Arc2Face branch: 1)
 DEFAULT_NEGATIVE_PROMPT = (
     "flaws in the eyes, flaws in the face, lowres, non-HDRi, low quality, worst quality, artifacts, noise, text, "
     "watermark, glitch, mutated, ugly, disfigured, hands, partially rendered objects, partially rendered eyes, "
@@ -95,6 +96,7 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             id_encoder=id_encoder, controlnet=controlnet,
         )  # fmt: skip
         self.adaface: adaface.AdaFaceCheckpoint | None = None
+        self.consistentid = None  # the v2 ConsistentID branch (methods.adaface_consistentid), when its files are there
 
     @classmethod
     def from_pretrained(
@@ -129,6 +131,7 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         if (local / "model_index.json").is_file():  # saved by save_pretrained
             pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **kwargs)
             pipe.adaface = adaface.load_adaface_checkpoint(_find_checkpoint(local, checkpoint), dtype=torch_dtype)
+            pipe.consistentid = _load_consistentid(local, pipe, torch_dtype, local_files_only=True)
             pipe.model_info = {"model": str(pretrained_model_name_or_path)}
             pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
             return pipe
@@ -143,12 +146,24 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             pretrained_model_name_or_path,
             required=required,
             what="AdaFace",
-            allow_patterns=[*required, f"{FACE_MODEL_FOLDER}/*"],
+            # the ConsistentID branch's files too (v2 joint checkpoints use them)
+            allow_patterns=[
+                *required,
+                f"{FACE_MODEL_FOLDER}/*",
+                "ConsistentID/models/*",
+                "models/insightface/models/buffalo_l/*",
+            ],
             local_files_only=local_files_only,
         )
         checkpoint_path = _find_checkpoint(folder, checkpoint)
         if base_model is None:
             base_model = folder / BASE_FOLDER if (folder / BASE_FOLDER).is_dir() else DEFAULT_BASE_MODEL
+            if base_model == DEFAULT_BASE_MODEL:
+                logger.warning(
+                    "AdaFace on plain SD1.5: the release samples (and was trained) on SD1.5 with DreamShaper-8's text "
+                    "encoder and the MSE VAE, which gives better likeness; see the README's AdaFace notes, and pass "
+                    "base_model="
+                )
         base_folder = resolve_model_folder(
             base_model,
             required=BASE_REQUIRED_FILES,
@@ -163,6 +178,7 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         scheduler = make_scheduler(SCHEDULER, base.scheduler.config)
         pipe = cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, id_encoder)
         pipe.adaface = adaface.load_adaface_checkpoint(checkpoint_path, dtype=torch_dtype)
+        pipe.consistentid = _load_consistentid(folder, pipe, torch_dtype, local_files_only=local_files_only)
         width = base.text_encoder.get_input_embeddings().embedding_dim
         projector_width = pipe.adaface.projector.text_model.embeddings.token_embedding.embedding_dim
         if width != projector_width:
@@ -181,17 +197,28 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """The components as a diffusers folder, plus the AdaFace checkpoint in ``models/adaface/``."""
+        """The components as a diffusers folder, plus the AdaFace checkpoint in ``models/adaface/`` and the
+        ConsistentID branch's files in the release's layout."""
         super().save_pretrained(save_directory, **kwargs)
         target = Path(save_directory) / CHECKPOINT_FOLDER
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(self.adaface.path, target / self.adaface.path.name)
+        for source, relative in getattr(self, "_consistentid_files", {}).items():
+            destination = Path(save_directory) / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if Path(source).is_dir():
+                shutil.copytree(source, destination, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, destination)
 
     def to(self, *args, **kwargs):
-        """Move the pipeline; the projector (not a diffusers component) follows the id encoder's device and dtype."""
+        """Move the pipeline; the projectors and the ConsistentID branch (not diffusers components) follow the id
+        encoder's device and dtype."""
         result = super().to(*args, **kwargs)
         if self.adaface is not None:
             self.adaface.projector.to(device=self.id_encoder.device, dtype=self.id_encoder.dtype)
+        if self.consistentid is not None:
+            self.consistentid.to(device=self.id_encoder.device, dtype=self.id_encoder.dtype)
         return result
 
     # ---- AdaFace steps ---------------------------------------------------------------------------------------
@@ -214,25 +241,41 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             ada = projector.apply_id_cfg(ada, id_scale)
         return ada
 
-    def install_subject_tokens(self, ada: torch.Tensor) -> list[str]:
-        """Give the subject tokens (``z_1_0 ... z_1_15``) the ada embeddings as token-embedding rows.
+    def _subject_tokenizer(self, tokens: Sequence[str]):
+        """A copy of the base tokenizer that knows the subject tokens (``z_1_0`` ...), so a composed prompt tokenizes
+        as the release's does; the pipeline's own tokenizer and text encoder are never changed."""
+        cached = getattr(self, "_subject_tokenizer_cache", None)
+        if cached is None or not set(tokens) <= set(cached.get_vocab()):
+            import copy
 
-        The tokens are added to the base tokenizer and text encoder once; their rows are rewritten per identity.
-        Position embeddings are added later by the base text encoder, as for any token.
-        """
-        tokens = self.adaface.subject_tokens
-        missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
-        if missing:
-            self.tokenizer.add_tokens(missing)
-            self.text_encoder.resize_token_embeddings(len(self.tokenizer))
-        ids = self.tokenizer.convert_tokens_to_ids(tokens)
-        table = self.text_encoder.get_input_embeddings().weight
-        table.data[ids] = ada[0].to(device=table.device, dtype=table.dtype)
-        return tokens
+            cached = copy.deepcopy(self.tokenizer)
+            cached.add_tokens([t for t in tokens if t not in cached.get_vocab()])
+            self._subject_tokenizer_cache = cached
+        return cached
 
-    def compose_prompt(self, prompt: str, tokens: Sequence[str]) -> str:
-        composed = adaface.compose_prompt(prompt, tokens, self.adaface.version, subject=self.adaface.subject_string)
-        length = len(self.tokenizer(composed).input_ids)
+    def encode_composed(self, composed: str, tokens: Sequence[str], ada: torch.Tensor) -> torch.Tensor:
+        """``(1, 77, D)`` base text embeddings of a composed prompt whose subject tokens carry the ada embeddings:
+        the rows enter through :func:`~idfusion.prompt_encoders.inject_token_embeddings` (position embeddings are
+        added by the text encoder as for any token)."""
+        tokenizer = self._subject_tokenizer(tokens)
+        ids = tokenizer(
+            [composed], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        subject_ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        mask = torch.isin(ids, torch.tensor(subject_ids))
+        if int(mask.sum()) == 0:
+            raise ValueError("the composed prompt holds no subject token (the prompt was cut off before them)")
+        row = {token_id: index for index, token_id in enumerate(subject_ids)}
+        vectors = ada[0][[row[int(i)] for i in ids[mask]]]  # (count, D), in prompt order
+        safe_ids = ids.masked_fill(mask, tokenizer.pad_token_id or 0)  # ids the base table has; rows replaced
+        with inject_token_embeddings(self.text_encoder, mask, vectors):
+            return self.text_encoder(safe_ids.to(self.text_encoder.device))[0]
+
+    def compose_prompt(self, prompt: str, groups: Sequence[Sequence[str]]) -> str:
+        composed = adaface.compose_prompt(prompt, groups, self.adaface.version, subject=self.adaface.subject_string)
+        tokens = [t for group in groups for t in group]
+        length = len(self._subject_tokenizer(tokens)(composed).input_ids)
         if length > self.tokenizer.model_max_length:
             raise ValueError(
                 f"the prompt is {length} tokens with AdaFace's {len(tokens)} subject tokens; the limit is "
@@ -240,7 +283,29 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             )
         return composed
 
+    def official_id_embeds(self, faces: Sequence[FaceInput] | FaceInput) -> np.ndarray:
+        """``(N, 512)`` unit embeddings of the photos found the release's way
+        (:class:`~idfusion.methods.adaface.OfficialFaceEmbedder` on the antelopev2 models)."""
+        from ..errors import NoFaceError
+        from ..faces.onnx_backend import resolve_onnx_model_dir
+        from ..images import load_image
+
+        embedder = getattr(self, "_official_embedder", None)
+        if embedder is None:
+            embedder = adaface.OfficialFaceEmbedder.antelopev2(resolve_onnx_model_dir(self.face_model_dir))
+            self._official_embedder = embedder
+        rows = []
+        for item in faces if isinstance(faces, (list, tuple)) else [faces]:
+            loaded = load_image(item)
+            embedding = embedder.embed(loaded.array, name=loaded.name)
+            if embedding is None:
+                raise NoFaceError(loaded.name, "no face found by SCRFD on the release's padded 512 image")
+            rows.append(embedding)
+        return np.stack(rows)
+
     def encode_identity(self, faces: Sequence[FaceInput] | FaceInput) -> dict:
+        if self.consistentid is not None:  # the joint branch reads the photos themselves (CLIP features, parsing)
+            return {"faces": faces}
         return {"id_embeds": self.prepare_id_embeds(faces)[0]}
 
     @torch.no_grad()
@@ -252,6 +317,9 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         prompt: str | None = None,
         negative_prompt: str | None = None,
         id_scale: float = 1.0,
+        arc2face_only: bool = False,
+        consistentid_scale: float | None = None,
+        face_preprocessing: str = "idfusion",
         style=None,
         style_weight: float | None = None,
         num_images_per_prompt: int = 1,
@@ -279,8 +347,15 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             prompt: any text; the subject is ``z`` (default ``"a photo of z"``). The subject tokens are appended (v2)
                 or put in place of ``z`` (v1).
             negative_prompt: default the release's (PuLID-derived) list.
-            id_scale: AdaFace's ID-CFG scale ``s``: ``s * X_ada + (1 - s) * PAD``; 1 (default) leaves the
-                identity as the projector made it, above 1 strengthens it.
+            id_scale: AdaFace's ID-CFG scale ``s`` of the Arc2Face branch: ``s * X_ada + (1 - s) * PAD``; 1
+                (default, the release's) leaves the identity as the projector made it, above 1 strengthens it.
+            arc2face_only: v2 joint checkpoints run both encoders by default, as the release: the ConsistentID
+                branch's 4 subject tokens, then Arc2Face's 16. ``True`` uses the Arc2Face branch alone.
+            consistentid_scale: the ConsistentID branch's ID-CFG scale (default 6, the release's).
+            face_preprocessing: how the Arc2Face branch finds each photo's face. ``"idfusion"`` (default): the
+                analyzer's largest face by true box area, on the photo itself. ``"official"``: the release's rule,
+                the photo padded to a black square and resized to 512, SCRFD there, and its choice of face (the
+                release's "largest" key ``(x2 - x1) * y2 - y1``, which favours faces lower in the photo).
             style, style_weight: a portrait style (:mod:`idfusion.styles`): its prompt template, filled with
                 ``prompt`` (default subject ``z``), and its LoRA.
             num_inference_steps, guidance_scale: default 50, 5.0 (the v2 app); ``pipe.scheduler`` is DDIM.
@@ -311,18 +386,40 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError("style_weight needs a style")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
 
-        # 2. One identity, then its ada embeddings in the base text encoder's token table
-        identity, references = self.prepare_id_embeds(faces, id_embeds)
+        # 2. One identity, then the subject-token embeddings: Arc2Face's branch, after ConsistentID's for a joint
+        #    checkpoint (the release's order: z_0_0..z_0_3, z_1_0..z_1_15)
+        joint = self.consistentid is not None and not arc2face_only
+        if joint and faces is None:  # an embedding alone cannot feed ConsistentID's CLIP and parsing inputs
+            logger.warning(
+                "AdaFace: id_embeds without the photos run the Arc2Face branch only (the ConsistentID branch needs "
+                "the photos themselves); pass faces for the release's joint encoder"
+            )
+            joint = False
+        if face_preprocessing not in ("idfusion", "official"):
+            raise ValueError(f"face_preprocessing must be 'idfusion' or 'official', got {face_preprocessing!r}")
+        if face_preprocessing == "official" and faces is not None:
+            id_embeds, faces_for_identity = self.official_id_embeds(faces), None
+        else:
+            faces_for_identity = faces
+        identity, references = self.prepare_id_embeds(faces_for_identity, id_embeds)
         ada = self.ada_embeddings(identity.to(self.id_encoder.device), id_scale)
-        tokens = self.install_subject_tokens(ada)
-        composed = self.compose_prompt(text, tokens)
+        if joint:
+            from ..images import load_image
+            from ..methods.adaface_consistentid import joint_subject_embeddings
+
+            photos = [load_image(f).array for f in (faces if isinstance(faces, (list, tuple)) else [faces])]
+            branch = self.consistentid(photos, id_cfg_scale=consistentid_scale)
+            ada = joint_subject_embeddings(branch.to(ada), ada)
+        groups = self.adaface.joint_subject_tokens(consistentid=joint)
+        tokens = [t for group in groups for t in group]
+        composed = self.compose_prompt(text, groups)
 
         # 3. LoRAs first (their text-encoder parts apply to this call's prompts), then encode with the base model's
         #    own text encoder
         lora_meta = activate_loras(self, loras, lcm=lcm, lcm_lora=lcm_lora)
         if styled.get("style_weight") is not None:
             lora_meta = lora_meta[1:]  # the style brings its own LoRA back on replay: not recorded twice
-        prompt_embeds = encode_text(self.text_encoder, self.tokenizer, [composed])
+        prompt_embeds = self.encode_composed(composed, tokens, ada)
         negative = encode_text(self.text_encoder, self.tokenizer, [negative_prompt])
 
         # 4. Sample, and record what it takes to make each image again
@@ -334,8 +431,51 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         )  # fmt: skip
         return self.result(
             images, settings, references, **styled, prompt=prompt, composed_prompt=composed,
-            negative_prompt=negative_prompt, id_scale=id_scale, lcm=lcm or None,
+            negative_prompt=negative_prompt, id_scale=id_scale,
+            encoders=["consistentID", "arc2face"] if joint else ["arc2face"],
+            arc2face_only=None if joint else True,  # replayed as recorded, whichever files a later load finds
+            face_preprocessing=face_preprocessing if face_preprocessing != "idfusion" else None,
+            consistentid_scale=(consistentid_scale or CONSISTENTID_SCALE) if joint else None, lcm=lcm or None,
             lcm_lora=(lcm_lora or DEFAULT_LCM_LORA) if lcm else None, loras=lora_meta or None,
             controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
-            id_embeds=encode_array(identity[0].float().cpu().numpy()),
+            # the whole identity only without the ConsistentID branch (which reads the photos): --from replays it
+            id_embeds=None if joint else encode_array(identity[0].float().cpu().numpy()),
         )  # fmt: skip
+
+
+def _load_consistentid(folder: Path, pipe: AdaFacePipeline, dtype, *, local_files_only: bool | None):
+    """The v2 checkpoint's ConsistentID branch from the release folder (``ConsistentID/models/ConsistentID-v1.bin``,
+    ``models/insightface/models/buffalo_l``, CLIP-ViT-H-14 in ``models/laion/...`` or from the Hub), or ``None`` with
+    a warning when a file is missing (then only the Arc2Face branch runs, and images differ from the release's)."""
+    from ..errors import ModelFilesError
+    from ..methods import adaface_consistentid as cid
+
+    checkpoint = pipe.adaface
+    if not checkpoint.has_consistentid:
+        return None
+    weights, faces = folder / cid.CONSISTENTID_WEIGHTS_FILE, folder / cid.BUFFALO_L_FOLDER
+    clip = folder / "models" / cid.CLIP_VIT_H_REPO
+    try:
+        if not weights.is_file() or not faces.is_dir():
+            raise ModelFilesError(f"{weights} and {faces}/ are needed")
+        if not clip.is_dir():
+            clip = resolve_model_folder(
+                cid.CLIP_VIT_H_REPO, required=["config.json"], what="CLIP-ViT-H-14 (AdaFace's ConsistentID branch)",
+                allow_patterns=["*.json", "*.safetensors"], local_files_only=local_files_only,
+            )  # fmt: skip
+        encoder = cid.ConsistentIDEncoder.from_files(
+            checkpoint.consistentid_projector, pipe.tokenizer, consistentid_weights=weights, clip_vision_folder=clip,
+            buffalo_l_folder=faces, dtype=dtype,
+        )  # fmt: skip
+    except ModelFilesError as error:
+        logger.warning(
+            "AdaFace: this v2 checkpoint has a ConsistentID branch, but its files cannot be loaded (%s); running the "
+            "Arc2Face branch alone, so images differ from the release's", error,
+        )  # fmt: skip
+        return None
+    pipe._consistentid_files = {
+        weights: cid.CONSISTENTID_WEIGHTS_FILE,
+        faces: cid.BUFFALO_L_FOLDER,
+        clip: f"models/{cid.CLIP_VIT_H_REPO}",
+    }
+    return encoder.eval()

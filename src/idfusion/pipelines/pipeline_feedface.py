@@ -152,10 +152,9 @@ class FeedFacePipeline(IdentityPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """CLIP ViT-L/14 ``last_hidden_state`` → the caption decoder's prefix encoder: ``(1, 77, 64)``."""
-        ids = self.tokenizer(
-            [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)  # fmt: skip
+        from ..prompt_encoders import tokenize_prompts
+
+        ids = tokenize_prompts(self.tokenizer, [prompt]).to(self.text_encoder.device)
         hidden = self.text_encoder(ids)[0]
         return self.text_decoder.encode(hidden.to(self.text_decoder.dtype))
 
@@ -193,7 +192,8 @@ class FeedFacePipeline(IdentityPipeline):
             num_images_per_prompt: images to make (one seed each).
             seed, generator: an int (images get ``seed, seed + 1, ...``), one seed per image, or generators.
             num_inference_steps, guidance_scale: default 40, 6.0 (the release's ``c + 5 (c - u)``); the sampler is
-                ``pipe.scheduler`` (DPM-Solver++ 3rd order, singlestep).
+                ``pipe.scheduler``, the release's own DPM-Solver++ "fast" order 3 (``"feedface-dpm"``): 40 model
+                evaluations, the U-ViT given the release's fractional times, ending at ``t = 1/1000``.
             height, width: output size (multiples of 8; default 512, the U-ViT's trained size).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the VAE latents of the image part).
             callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' step callback; ``"latents"`` is
@@ -261,7 +261,8 @@ class FeedFacePipeline(IdentityPipeline):
         generators = settings.generators
         z = torch.stack([torch.randn(shape, generator=g) for g in generators])
         clip = torch.stack([torch.randn((1, clip_dim), generator=g) for g in generators])
-        latents = torch.cat([z.flatten(1), clip.flatten(1)], dim=1).to(device, dtype)  # (B, 4hw + 512)
+        # the sampler's state stays float32 (as the release keeps it); the U-ViT gets its own dtype
+        latents = torch.cat([z.flatten(1), clip.flatten(1)], dim=1).to(device, torch.float32)  # (B, 4hw + 512)
         sampler = settings.scheduler
         sampler.set_timesteps(settings.steps, device=device)
         latents = latents * sampler.init_noise_sigma
@@ -270,13 +271,14 @@ class FeedFacePipeline(IdentityPipeline):
         numel = int(np.prod(shape))
         try:
             for i, t in enumerate(self.progress_bar(sampler.timesteps)):
-                z_in = latents[:, :numel].view(batch, *shape)  # (B, 4hw + 512) -> (B, 4, h, w) and (B, 1, 512)
-                clip_in = latents[:, numel:].view(batch, 1, clip_dim)
+                state = latents.to(dtype)
+                z_in = state[:, :numel].view(batch, *shape)  # (B, 4hw + 512) -> (B, 4, h, w) and (B, 1, 512)
+                clip_in = state[:, numel:].view(batch, 1, clip_dim)
                 self.feed.set_multiplier(scale)
                 z_c, clip_c, _ = self.unet(
                     z_in, clip_in, text, timestep_img=t, timestep_text=0, data_type=feedface.DATA_TYPE
                 )
-                out = torch.cat([z_c.flatten(1), clip_c.flatten(1)], dim=1)
+                out = torch.cat([z_c.flatten(1), clip_c.flatten(1)], dim=1).float()
                 if settings.guidance_scale > 1.0:
                     # the release's unconditional branch: adapter off, Gaussian text at text timestep T
                     noise_text = torch.stack([torch.randn(text.shape[1:], generator=g) for g in generators])
@@ -285,7 +287,7 @@ class FeedFacePipeline(IdentityPipeline):
                         z_in, clip_in, noise_text.to(device, dtype), timestep_img=t, timestep_text=max_timestep,
                         data_type=feedface.DATA_TYPE,
                     )  # fmt: skip
-                    uncond = torch.cat([z_u.flatten(1), clip_u.flatten(1)], dim=1)
+                    uncond = torch.cat([z_u.flatten(1), clip_u.flatten(1)], dim=1).float()
                     out = settings.guidance_scale * out + (1.0 - settings.guidance_scale) * uncond
                 latents = sampler.step(out, t, latents).prev_sample
                 latents = self.step_end(

@@ -53,12 +53,15 @@ class ReferenceImageError(FaceError):
     """A reference photo cannot be used (no face, several faces, too many references, bad weights)."""
 
 
-def reference_crop(image: np.ndarray, face: Face, size: int) -> PIL.Image.Image:
-    """The official reference: the detector box, rotated about its centre so the eyes are level (no expansion),
-    resized so the long side is ``size`` and padded to a black square."""
+def reference_crop(image: np.ndarray, face: Face, size: int, *, clamp: bool = False) -> PIL.Image.Image:
+    """The official reference: the detector box (rounded; where it leaves the photo, black, as PIL crops), rotated
+    about its centre so the eyes are level (no expansion), resized so the long side is ``size`` and padded to a black
+    square. ``clamp`` keeps the box inside the photo instead (idfusion's earlier crop: no black border)."""
     height, width = image.shape[:2]
-    x1, y1, x2, y2 = face.bbox
-    box = (max(0, int(x1)), max(0, int(y1)), min(width, int(math.ceil(x2))), min(height, int(math.ceil(y2))))
+    box = tuple(int(round(float(v))) for v in face.bbox)
+    if clamp:
+        x1, y1, x2, y2 = face.bbox
+        box = (max(0, int(x1)), max(0, int(y1)), min(width, int(math.ceil(x2))), min(height, int(math.ceil(y2))))
     crop = PIL.Image.fromarray(image).crop(box)
     (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
     crop = crop.rotate(math.degrees(math.atan2(ry - ly, rx - lx)))  # counter-clockwise by the eye line's tilt
@@ -121,6 +124,11 @@ class FlashFacePipeline(IdentityPipeline):
         self.register_to_config(release=release)
         self.bank = ReferenceBank()
         flashface.attach_reference_processors(unet, refnet, self.bank, self.reference_attention)
+        if spec is OFFICIAL:
+            # the release's VAE reshapes its mid-block attention without a transpose; its model was trained with it
+            from ..methods.flashface_vae import use_flashface_vae_attention
+
+            use_flashface_vae_attention(vae)
 
     @property
     def release(self) -> FlashFaceRelease:
@@ -193,7 +201,7 @@ class FlashFacePipeline(IdentityPipeline):
 
     # ---- references ------------------------------------------------------------------------------------------
 
-    def reference_images(self, faces: Sequence[FaceInput]) -> list[PIL.Image.Image]:
+    def reference_images(self, faces: Sequence[FaceInput], *, clamp_crop: bool = False) -> list[PIL.Image.Image]:
         """One reference image per photo (each must show exactly one face), cropped the release's way."""
         size = self.release.reference_size
         images = []
@@ -210,7 +218,7 @@ class FlashFacePipeline(IdentityPipeline):
                 )
             face = found[0]
             if self.release is OFFICIAL:
-                images.append(reference_crop(loaded.array, face, size))
+                images.append(reference_crop(loaded.array, face, size, clamp=clamp_crop))
             else:  # the open release expects aligned face crops (insightface-style), resized to 256x256
                 images.append(PIL.Image.fromarray(align_face(loaded.array, face.landmarks, size=size)))
         return images
@@ -233,12 +241,12 @@ class FlashFacePipeline(IdentityPipeline):
 
     # ---- text ------------------------------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        input_ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)  # fmt: skip
-        skip = self.release.clip_skip
+    def encode_prompts(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """``(N, 77, D)`` text embeddings, skipping ``clip_skip`` last layers (default: the release's)."""
+        from ..prompt_encoders import tokenize_prompts
+
+        input_ids = tokenize_prompts(self.tokenizer, prompts).to(self.text_encoder.device)
+        skip = self.release.clip_skip if clip_skip is None else clip_skip
         if skip == 0:
             return self.text_encoder(input_ids)[0]
         hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(skip + 1)]
@@ -294,13 +302,14 @@ class FlashFacePipeline(IdentityPipeline):
         faces: Sequence[FaceInput] | None,
         reference_images: Sequence[ImageInput] | None,
         reference_latents: torch.Tensor | None,
+        clamp_crop: bool,
     ) -> tuple[list[PIL.Image.Image] | None, torch.Tensor | None, list[np.ndarray]]:
         """The call's reference crops (to encode per image) or given latents, and the crops for contact sheets."""
         sources = faces if faces is not None else reference_images
         if sources is not None and not 1 <= len(sources) <= MAX_REFERENCES:
             raise ReferenceImageError("references", f"give 1 to {MAX_REFERENCES} references, got {len(sources)}")
         if faces is not None:
-            crops = self.reference_images(faces)
+            crops = self.reference_images(faces, clamp_crop=clamp_crop)
         elif reference_images is not None:
             size = self.release.reference_size
             crops = [
@@ -333,6 +342,7 @@ class FlashFacePipeline(IdentityPipeline):
         strength_before_guidance: float = OFFICIAL_STRENGTH_BEFORE_GUIDANCE,
         guidance_rescale: float = OFFICIAL_RESCALE,
         face_box: Sequence[float] | None = None,
+        clamp_crop: bool = False,
         height: int | None = None,
         width: int | None = None,
         output_type: str = "pil",
@@ -357,9 +367,13 @@ class FlashFacePipeline(IdentityPipeline):
             reference_guidance_start: ``T*``: three-branch reference guidance for timesteps ``t <= T*``; before
                 that, two-branch CFG with references at ``strength_before_guidance`` in both branches.
             guidance_rescale: CFG-rescale factor (official 0.5; 0 disables it).
-            face_box: face position ``(x1, y1, x2, y2)`` in [0, 1] (official only); ``None`` or zeros: anywhere.
+            face_box: face position ``(x1, y1, x2, y2)`` in [0, 1] (official only); default the official demo's
+                ``(0.3, 0.1, 0.6, 0.4)``; all zeros: anywhere.
+            clamp_crop: keep each reference crop inside its photo (the release crops the rounded box, black where it
+                leaves the photo).
             num_inference_steps, guidance_scale, height, width: official 35, 7.5, 768; open 50, 3.0, 512.
-            scheduler: a sampler name for this call; default ``pipe.scheduler`` (DDIM with the release's spacing).
+            scheduler: a sampler name for this call; default ``pipe.scheduler``: the official release's own DDIM
+                (``"flashface-ddim"``, fractional trailing times, ending at sigma 0) or the open release's DDIM.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             callback_on_step_end, callback_on_step_end_tensor_inputs: diffusers' step callback (``"latents"``).
         """
@@ -383,13 +397,15 @@ class FlashFacePipeline(IdentityPipeline):
                 raise ValueError(f"face_box needs x2 > x1 and y2 > y1; got {list(face_box)}")
             if release is OPEN:
                 raise ValueError("face_box needs the official FlashFace model (the open release has no mask input)")
+        elif release is OFFICIAL:
+            face_box = list(flashface.OFFICIAL_FACE_BOX)
         if sum(x is not None for x in (faces, reference_images, reference_latents)) != 1:
             raise ValueError("give exactly one of faces, reference_images or reference_latents")
         if faces is not None and not isinstance(faces, (list, tuple)):
             faces = [faces]
 
         # 2. References: crops, weights
-        crops, given_latents, references = self._references(faces, reference_images, reference_latents)
+        crops, given_latents, references = self._references(faces, reference_images, reference_latents, clamp_crop)
         count = len(crops) if crops is not None else given_latents.shape[0]
         weights = torch.ones(count) if face_weights is None else torch.as_tensor(face_weights, dtype=torch.float32)
         if weights.shape != (count,) or not torch.isfinite(weights).all() or (weights < 0).any() or (
@@ -398,14 +414,19 @@ class FlashFacePipeline(IdentityPipeline):
                 "face_weights", f"need {count} finite weights >= 0, not all zero; got {face_weights}"
             )
 
-        # 3. Text: the official demo appends its postfixes
+        # 3. Text: the official demo appends its postfixes (the negative one alone when no negative is given); the
+        #    open release skips CLIP's last layer for the positive prompt only
         if release is OFFICIAL:
             positive_text = f"{prompt or 'a photo of a person'}, {OFFICIAL_POSITIVE_POSTFIX}"
-            negative_text = f"{negative_prompt or ''}, {OFFICIAL_NEGATIVE_POSTFIX}"
+            negative_text = (
+                f"{negative_prompt}, {OFFICIAL_NEGATIVE_POSTFIX}" if negative_prompt else OFFICIAL_NEGATIVE_POSTFIX
+            )
+            positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
         else:
             positive_text = prompt or "a photo of a person"
             negative_text = OPEN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-        positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
+            positive = self.encode_prompts([positive_text])
+            negative = self.encode_prompts([negative_text], clip_skip=0)
 
         # 4. Initial noise (one generator per image), then the references each image reads: the official release
         #    encodes them once (posterior mean) and pads them per image (its seed) as log-multiplicity weights;
@@ -415,7 +436,8 @@ class FlashFacePipeline(IdentityPipeline):
         scheduler_.set_timesteps(settings.steps, device=device)
         shape = (4, settings.height // 8, settings.width // 8)
         latents = torch.stack([torch.randn(shape, generator=g) for g in settings.generators])
-        latents = (latents * scheduler_.init_noise_sigma).to(device, positive.dtype)
+        # the sampler's state stays float32, as the release keeps it under autocast; the UNet gets its own dtype
+        latents = (latents * scheduler_.init_noise_sigma).to(device, torch.float32)
         batch = latents.shape[0]
         if given_latents is not None:
             reference_latents, groups = given_latents, 1
@@ -458,7 +480,7 @@ class FlashFacePipeline(IdentityPipeline):
                         latents, mask, t, texts, settings.guidance_scale, strength, reference_guidance,
                         reference_guidance_start, strength_before_guidance, guidance_rescale,
                     )  # fmt: skip
-                    latents = scheduler_.step(guided, t, latents).prev_sample
+                    latents = scheduler_.step(guided.float(), t, latents).prev_sample
                     latents = self.step_end(
                         callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, {"latents": latents}
                     )["latents"]

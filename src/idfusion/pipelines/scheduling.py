@@ -26,17 +26,18 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    # the releases' own samplers (idfusion.schedulers), exactly as their code steps
+    "flashface-ddim": ("FlashFaceDDIMScheduler", {}),
+    "feedface-dpm": ("FeedFaceDPMSolverScheduler", {}),
 }
 
 
 def _scheduler_class(class_name: str) -> type:
     import diffusers
 
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        from .. import schedulers as ours
+    from .. import schedulers as ours
 
-        cls = getattr(ours, class_name, None)
+    cls = getattr(ours, class_name, None) if class_name in ours.__all__ else getattr(diffusers, class_name, None)
     if cls is None:
         raise ValueError(f"unknown scheduler class {class_name!r}")
     return cls

@@ -8,6 +8,7 @@ callbacks behave exactly as in diffusers. An SDXL family would get a sibling mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ def sample_sd15(
     *,
     controlnet_image: ImageInput | PIL.Image.Image | None = None,
     controlnet_conditioning_scale: float = 1.0,
+    controls: Sequence[tuple[Any, PIL.Image.Image, float]] | None = None,
     inpaint: InpaintInput | None = None,
     output_type: str = "pil",
     callback_on_step_end=None,
@@ -49,8 +51,9 @@ def sample_sd15(
     """Sample one image per generator of ``settings`` from ``(1, L, D)`` conditioning, with ``pipe``'s components.
 
     Text-to-image, or with ``inpaint`` diffusers' inpainting pipelines (a 4-channel UNet repaints the masked region
-    from the noised image, as diffusers does for non-inpainting checkpoints), optionally with ``pipe.controlnet``.
-    The callback receives ``pipe`` (not the diffusers runner), as diffusers' contract says.
+    from the noised image, as diffusers does for non-inpainting checkpoints), optionally with ``pipe.controlnet``
+    (``controlnet_image``) or several ControlNets (``controls``: ``(net, condition, scale)`` each, stacked as
+    diffusers' ``MultiControlNetModel``, residuals summed). The callback receives ``pipe`` (not the diffusers runner), as diffusers' contract says.
     """
     import diffusers
 
@@ -79,10 +82,7 @@ def sample_sd15(
     )
     if inpaint is not None:
         kwargs.update(image=inpaint.image, mask_image=inpaint.mask_image, strength=inpaint.strength)
-    if controlnet_image is None:
-        name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
-        runner = getattr(diffusers, name)(**shared)
-    else:
+    if controlnet_image is not None:
         controlnet = getattr(pipe, "controlnet", None)
         if controlnet is None:
             raise ModelFilesError(
@@ -95,14 +95,26 @@ def sample_sd15(
             from ..images import load_image
 
             condition = load_image(controlnet_image, name="controlnet_image").to_pil()
-        condition = condition.resize((settings.width, settings.height), PIL.Image.BICUBIC)
+        controls = [(controlnet, condition, controlnet_conditioning_scale), *(controls or [])]
+    if not controls:
+        name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+        runner = getattr(diffusers, name)(**shared)
+    else:
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        nets = [net for net, _, _ in controls]
+        conditions = [image.resize((settings.width, settings.height), PIL.Image.BICUBIC) for _, image, _ in controls]
+        scales = [float(scale) for _, _, scale in controls]
+        several = len(nets) > 1
+        controlnet = MultiControlNetModel(nets) if several else nets[0]
+        condition = conditions if several else conditions[0]
         if inpaint is not None:
             runner = diffusers.StableDiffusionControlNetInpaintPipeline(**shared, controlnet=controlnet)
             kwargs.update(control_image=condition)
         else:
             runner = diffusers.StableDiffusionControlNetPipeline(**shared, controlnet=controlnet)
             kwargs.update(image=condition)
-        kwargs.update(controlnet_conditioning_scale=controlnet_conditioning_scale)
+        kwargs.update(controlnet_conditioning_scale=scales if several else scales[0])
     runner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     # The runner shares modules (and any offload hooks) with the pipeline; only the wrapper object is new.
     images = runner(**kwargs).images

@@ -62,7 +62,7 @@ def flashface_official_loop(
     from ..pipelines import pipeline_flashface as pf
 
     positive, negative = pipe.encode_prompts(
-        [f"a photo of a person, {pf.OFFICIAL_POSITIVE_POSTFIX}", f", {pf.OFFICIAL_NEGATIVE_POSTFIX}"]
+        [f"a photo of a person, {pf.OFFICIAL_POSITIVE_POSTFIX}", pf.OFFICIAL_NEGATIVE_POSTFIX]  # the release's
     ).chunk(2)
     size = size or pipe.native_size()
     scheduler = pipe.scheduler
@@ -70,7 +70,7 @@ def flashface_official_loop(
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, 4, size // 8, size // 8), generator=generator).to(positive)
     latents = latents * scheduler.init_noise_sigma
-    mask = ff.face_position_mask(None, size, size).to(latents)
+    mask = ff.face_position_mask(list(ff.OFFICIAL_FACE_BOX), size, size).to(latents)  # the demo's default box
     pipe.bank.log_weights, pipe.bank.num_groups, pipe.bank.num_images = None, 1, 1
     for i, t in enumerate(scheduler.timesteps):
         pipe.write_references(reference_latents.to(positive), t, negative.expand(reference_latents.shape[0], -1, -1))

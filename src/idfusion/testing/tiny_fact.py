@@ -10,6 +10,7 @@ Layout written by :func:`write_fact` (paths relative to the output folder)::
     antelopev2/scrfd_10g_bnkps.onnx                                   tiny face detector
     antelopev2/arcface.onnx                                           tiny face recognizer
     controlnet/                                                       tiny OpenPose ControlNet (from the UNet, zero convs made non-zero)
+    canny_controlnet/                                                 tiny Canny ControlNet (same shapes, other seed)
     dwpose/yolox_l.onnx, dwpose/dw-ll_ucoco_384.onnx                  tiny DWPose pose estimator
 
 Shapes:
@@ -139,12 +140,13 @@ def write_fact(out_dir: Path, seed: int) -> list[Path]:
     faces = out_dir / "antelopev2"
     faces.mkdir()
     write_antelopev2(faces, seed)
-    controlnet = components.tiny_controlnet(unet, seed=seed + 50)
-    # a trained ControlNet's zero convolutions are no longer zero: make the condition matter
-    generator = torch.Generator().manual_seed(seed + 51)
-    for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-        _perturb(block, generator)
-    controlnet.save_pretrained(out_dir / "controlnet", safe_serialization=True)
+    for folder, offset in (("controlnet", 50), ("canny_controlnet", 60)):
+        controlnet = components.tiny_controlnet(unet, seed=seed + offset)
+        # a trained ControlNet's zero convolutions are no longer zero: make the condition matter
+        generator = torch.Generator().manual_seed(seed + offset + 1)
+        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            _perturb(block, generator)
+        controlnet.save_pretrained(out_dir / folder, safe_serialization=True)
     from idfusion.testing.onnx_pose import write_dwpose
 
     (out_dir / "dwpose").mkdir()
