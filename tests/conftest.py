@@ -9,6 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Each pytest-xdist worker gets an equal share of the cores: torch's default of one thread per core in every worker
+# oversubscribes them (measured: tests/test_adaface_pipeline.py with -n 2 on 2 cores, 90 s vs 40 s with 1 thread).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def find_faces_dir() -> Path | None:
     """``$IDFUSION_TEST_FACES``, else ``shared/data/faces`` inside or beside the checkout."""

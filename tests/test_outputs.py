@@ -18,7 +18,7 @@ from idfusion.outputs import (
     decode_array,
     encode_array,
     file_sha256,
-    output_paths,
+    next_output_index,
     parameters_text,
     read_generation_metadata,
     save_generated_image,
@@ -165,18 +165,15 @@ def test_encode_decode_array_exact():
             decode_array(bad)
 
 
-def test_output_paths_never_overwrite(tmp_path):
-    assert [p.name for p in output_paths(tmp_path / "new", "img", 2)] == ["img_0000.png", "img_0001.png"]
+def test_next_output_index_continues_after_every_index_in_use(tmp_path):
+    assert next_output_index(tmp_path / "new", "img") == 0
     for name in ("img_0000.png", "img_0007.png", "img_0003.jpg", "other_0042.png", "img_x.png", "img.png"):
         (tmp_path / name).write_bytes(b"old")
-    paths = output_paths(tmp_path, "img", 3)
-    assert [p.name for p in paths] == ["img_0008.png", "img_0009.png", "img_0010.png"]
+    assert next_output_index(tmp_path, "img") == 8
     (tmp_path / "img_0012_sheet.png").write_bytes(b"old")  # a contact sheet beside deleted images
-    assert output_paths(tmp_path, "img", 1)[0].name == "img_0013.png"
-    assert not any(p.exists() for p in paths)
-    assert output_paths(tmp_path, "img", 0) == []
+    assert next_output_index(tmp_path, "img") == 13
     with pytest.raises(ValueError):
-        output_paths(tmp_path, "a/b", 1)
+        next_output_index(tmp_path, "a/b")
 
 
 def test_contact_sheet_layout():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import logging
 import os
 import threading
@@ -481,28 +482,27 @@ def save_results(result: Any, out_dir: str | os.PathLike, stem: str, *, sheet: b
         OutputError: image ``k`` could not be written; images ``0..k-1`` are kept and named in the message.
     """
     from .atomic import OutputError, publish_new
-    from .outputs import contact_sheet, next_output_index, save_new_generated_image
+    from .outputs import contact_sheet, new_names, save_new_generated_image
 
     written: list[Path] = []
-    index = next_output_index(out_dir, stem)
+    names = new_names(out_dir, stem)
     for k, (image, meta) in enumerate(zip(result.images, result.metadata, strict=True)):
         try:
-            path = save_new_generated_image(out_dir, stem, image, meta, start=index)
+            written.append(save_new_generated_image(out_dir, stem, image, meta, names=names))
         except OutputError as error:
             which = "image 0 was" if k == 1 else f"images 0-{k - 1} were"
             kept = f"; {which} written and kept: {', '.join(map(str, written))}" if written else ""
             raise OutputError(f"image {k} of {len(result.images)}: {error}{kept}") from error
-        written.append(path)
-        index = int(path.stem.rsplit("_", 1)[1]) + 1
     if sheet and written:
         labels = [f"seed {m['seed']}" for m in result.metadata]
         buffer = io.BytesIO()
         contact_sheet(result.references, result.images, labels=labels).save(buffer, format="PNG")
         first = written[0]
-        names = iter([first.with_name(first.stem + "_sheet.png"), *(
-            first.with_name(f"{first.stem}_sheet_{n}.png") for n in range(1, 1000)
-        )])  # fmt: skip
-        written.append(publish_new(names, buffer.getvalue()))
+        sheet_names = itertools.chain(
+            [first.with_name(f"{first.stem}_sheet.png")],
+            (first.with_name(f"{first.stem}_sheet_{n}.png") for n in itertools.count(1)),
+        )
+        written.append(publish_new(sheet_names, buffer.getvalue()))
     return written
 
 

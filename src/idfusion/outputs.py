@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,12 @@ __all__ = [
     "parameters_text",
     "generated_png",
     "save_generated_image",
+    "new_names",
     "save_new_generated_image",
     "read_generation_metadata",
     "encode_array",
     "decode_array",
     "next_output_index",
-    "output_paths",
     "contact_sheet",
     "file_sha256",
 ]
@@ -270,23 +270,31 @@ def save_generated_image(path: str | os.PathLike, image: Image.Image, metadata: 
     return written
 
 
+def new_names(out_dir: str | os.PathLike, stem: str, *, suffix: str = "", start: int | None = None) -> Iterator[Path]:
+    """Endless candidate names ``<stem>_NNNN<suffix>.png`` from ``start`` (default: :func:`next_output_index`).
+
+    Give one iterator to several :func:`~idfusion.atomic.publish_new` calls and each continues after the name the
+    previous one took, moving on past any name another process takes meanwhile.
+    """
+    first = next_output_index(out_dir, stem) if start is None else int(start)
+    return (Path(out_dir) / f"{stem}_{index:04d}{suffix}.png" for index in itertools.count(first))
+
+
 def save_new_generated_image(
     out_dir: str | os.PathLike,
     stem: str,
     image: Image.Image,
     metadata: Mapping[str, Any],
     *,
-    suffix: str = "",
-    start: int | None = None,
+    names: Iterator[Path] | None = None,
 ) -> Path:
-    """Like :func:`save_generated_image`, under a new name ``<stem>_NNNN<suffix>.png`` reserved atomically.
+    """Like :func:`save_generated_image`, under a new name ``<stem>_NNNN.png`` reserved atomically.
 
-    The index starts after the highest one in use (:func:`next_output_index`, or ``start``) and moves on past any
-    name another process takes meanwhile, so concurrent runs into one folder never overwrite each other.
+    The index starts after the highest one in use (:func:`next_output_index`) and moves on past any name another
+    process takes meanwhile, so concurrent runs into one folder never overwrite each other. ``names`` (from
+    :func:`new_names`) continues a sequence of saves.
     """
-    first = next_output_index(out_dir, stem) if start is None else int(start)
-    names = (Path(out_dir) / f"{stem}_{index:04d}{suffix}.png" for index in itertools.count(first))
-    written = publish_new(names, generated_png(image, metadata))
+    written = publish_new(names if names is not None else new_names(out_dir, stem), generated_png(image, metadata))
     logger.debug("wrote %s", written)
     return written
 
@@ -398,18 +406,6 @@ def next_output_index(out_dir: str | os.PathLike, stem: str) -> int:
             if match:
                 start = max(start, int(match.group(1)) + 1)
     return start
-
-
-def output_paths(out_dir: str | os.PathLike, stem: str, count: int) -> list[Path]:
-    """``count`` PNG paths ``<stem>_<index>.png`` in ``out_dir`` after every index in use (:func:`next_output_index`).
-
-    A scan, not a reservation: to write without ever overwriting, even with concurrent writers, use
-    :func:`save_new_generated_image`.
-    """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    start = next_output_index(out_dir, stem)
-    return [Path(out_dir) / f"{stem}_{index:04d}.png" for index in range(start, start + count)]
 
 
 # ---- contact sheet -------------------------------------------------------------------------------------------

@@ -29,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "annotated images. Input images are never modified.",
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    parser.add_argument("--detector", choices=DETECTORS, default="hog", help="face detector (default: dlib HOG)")
+    parser.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="hog",
+        help="face detector (default: dlib HOG; world: synthetic world)",
+    )
     parser.add_argument(
         "--recognizer", choices=RECOGNIZERS, default="dlib", help="identity embedding model (default: dlib ResNet)"
     )
@@ -37,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--select", type=_selection, default="all", help="'all' (default), 'largest', or a face index from the left"
     )
-    parser.add_argument("--min-face-size", type=non_negative_int, default=32, help="smallest face side in px (32)")
+    parser.add_argument(
+        "--min-face-size", type=non_negative_int, default=32, help="smallest face side in px (32; world faces need 8)"
+    )
     parser.add_argument("--upsample", type=non_negative_int, help="dlib detector upsampling (default: by image size)")
     parser.add_argument("--aligned", action="store_true", help="inputs are already ArcFace-aligned square crops")
     parser.add_argument("--dense", action="store_true", help="also compute 68 dense landmarks")

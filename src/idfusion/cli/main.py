@@ -19,6 +19,7 @@ from .. import __version__
 SUBCOMMANDS = {
     "bench": "bench",
     "convert": "convert",
+    "demo": "demo",
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",

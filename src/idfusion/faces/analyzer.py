@@ -23,8 +23,8 @@ __all__ = ["FaceAnalyzer", "CropFn", "register_crop", "available_crops", "DETECT
 
 logger = logging.getLogger(__name__)
 
-DETECTORS = ("hog", "mmod", "onnx")
-RECOGNIZERS = ("dlib", "onnx", "none")
+DETECTORS = ("hog", "mmod", "onnx", "world")
+RECOGNIZERS = ("dlib", "onnx", "world", "world-judge", "none")
 
 CropFn = Callable[[np.ndarray, Face], np.ndarray]
 _CROPS: dict[str, CropFn] = {"arcface": lambda image, face: align_face(image, face.landmarks, size=112)}
@@ -75,8 +75,14 @@ def _build_backends(
         detector = DlibDetector(detector, upsample=upsample)
     elif detector == "onnx":
         from .onnx_backend import SCRFDDetector
+        from .stand_in import StandInDetector, is_stand_in
 
-        detector = SCRFDDetector(onnx_paths[0])
+        # The tiny kit's random SCRFD would "find" a face anywhere: real detectors stand in for it.
+        detector = StandInDetector() if is_stand_in(onnx_paths[0]) else SCRFDDetector(onnx_paths[0])
+    elif detector == "world":
+        from ..world.backends import WorldDetector
+
+        detector = WorldDetector()
 
     if recognizer is None or recognizer == "none":
         recognizer = None
@@ -88,6 +94,10 @@ def _build_backends(
         from .onnx_backend import ArcFaceRecognizer
 
         recognizer = ArcFaceRecognizer(onnx_paths[1])
+    elif recognizer in ("world", "world-judge"):
+        from ..world.backends import WorldRecognizer
+
+        recognizer = WorldRecognizer(recognizer)
     return detector, recognizer
 
 
@@ -96,14 +106,17 @@ class FaceAnalyzer:
 
     Args:
         detector (`str` or `FaceDetector`, defaults to `"hog"`): ``"hog"`` or ``"mmod"`` (dlib, offline),
-            ``"onnx"`` (an SCRFD model from ``model_dir``), or any object with a ``detect`` method.
+            ``"onnx"`` (an SCRFD model from ``model_dir``), ``"world"`` (the synthetic world's detector, shipped),
+            or any object with a ``detect`` method.
         recognizer (`str`, `FaceRecognizer` or `None`, defaults to `"dlib"`): ``"dlib"`` (128-d ResNet, offline),
-            ``"onnx"`` (an ArcFace model from ``model_dir``, 512-d), ``"none"``/``None`` for no embeddings.
+            ``"onnx"`` (an ArcFace model from ``model_dir``, 512-d), ``"world"`` / ``"world-judge"`` (the synthetic
+            world's conditioning and scoring recognizers, 512-d, shipped), ``"none"``/``None`` for no embeddings.
         model_dir (`str`, *optional*): folder of ONNX face models (for example insightface's ``antelopev2`` with
             Arc2Face's ``arcface.onnx``). When omitted, ``$IDFUSION_FACE_MODELS``,
             ``~/.cache/idfusion/models/antelopev2`` and ``~/.insightface/models/antelopev2`` are searched.
-        min_face_size (`int`, defaults to 32): faces whose box is narrower or shorter than this many pixels are
-            dropped; if that drops every face, :class:`FaceTooSmallError` is raised.
+        min_face_size (`int`, *optional*): faces whose box is narrower or shorter than this many pixels are
+            dropped; if that drops every face, :class:`FaceTooSmallError` is raised. Defaults to the detector's
+            ``min_face_size`` attribute if it has one (the world detector's is 8: its faces are 12-60 px), else 32.
         dense_landmarks (`bool`, defaults to `False`): also return dlib's 68 landmarks.
         crops (`Sequence[str]`, defaults to `("arcface",)`): named crops to compute (see :func:`register_crop`).
         max_pixels (`int`, *optional*): refuse larger images (decompression-bomb guard).
@@ -116,7 +129,7 @@ class FaceAnalyzer:
         recognizer: str | FaceRecognizer | None = "dlib",
         *,
         model_dir: str | os.PathLike | None = None,
-        min_face_size: int = 32,
+        min_face_size: int | None = None,
         dense_landmarks: bool = False,
         crops: Sequence[str] = ("arcface",),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -125,9 +138,11 @@ class FaceAnalyzer:
         unknown = [c for c in crops if c not in _CROPS]
         if unknown:
             raise ValueError(f"unknown crop(s) {unknown}; available: {available_crops()}")
-        if min_face_size < 0:
+        if min_face_size is not None and min_face_size < 0:
             raise ValueError(f"min_face_size must be >= 0, got {min_face_size}")
         self.detector, self.recognizer = _build_backends(detector, recognizer, model_dir, upsample)
+        if min_face_size is None:
+            min_face_size = int(getattr(self.detector, "min_face_size", 32))
         self.min_face_size = min_face_size
         self.dense_landmarks = dense_landmarks
         self.crops = tuple(crops)

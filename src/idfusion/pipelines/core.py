@@ -182,9 +182,12 @@ def identity_embedding(
         raise IdentityInputError(f"{source}: expected embeddings of shape (N, {dim}), got {tuple(embeds.shape)}")
     if not torch.isfinite(embeds).all() or (embeds.norm(dim=1) < 1e-6).any():
         raise IdentityInputError(f"{source}: embeddings must be finite and non-zero")
+    # In float64, cast once: a float32 unit vector then normalises back to itself, so an image replayed from its
+    # recorded identity gets bit-identical conditioning.
+    embeds = embeds.double()
     embeds = embeds / embeds.norm(dim=1, keepdim=True)
     identity = embeds.mean(dim=0, keepdim=True)
-    return identity / identity.norm(dim=1, keepdim=True), references
+    return (identity / identity.norm(dim=1, keepdim=True)).float(), references
 
 
 @contextmanager

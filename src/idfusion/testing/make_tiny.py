@@ -38,6 +38,9 @@ Methods and the layouts they write (paths relative to the output folder):
         scrfd_10g_bnkps.onnx                      (SCRFD-style face detector, as in InsightFace's antelopev2)
         arcface.onnx                              (ArcFace-style recognizer, as in Arc2Face's release)
 
+    The detector's weights are random, so it is marked as a stand-in (``idfusion.faces.stand_in``) and the face
+    path detects with real detectors in its place (the world detector for renders, dlib's HOG for photos).
+
 ``arc2face``
     The Arc2Face release as the README's local ``models/`` folder, plus a tiny SD1.5 base where the pipeline
     looks for one (see ``idfusion.testing.tiny_arc2face``)::

@@ -5,6 +5,11 @@ ArcFace-style recognizer) into a folder, so the whole ONNX face path (model disc
 embedding) can run on any machine without downloading the real 280 MB of weights. The models have seeded random
 weights: their outputs are deterministic and well-formed but carry no identity information.
 
+The random detector would "find" a face in any image (a plain blue one too), so it is marked as a stand-in in its
+ONNX metadata (``idfusion.faces.stand_in.STAND_IN_KEY``), and the face path detects with
+``idfusion.faces.stand_in.StandInDetector`` instead: real detectors, dlib's HOG for photos and the world detector for world renders,
+so a picture without a face is refused as real models refuse it.
+
 Both are exported with ``torch.onnx.export``'s default (dynamo) exporter at opset 18.
 """
 
@@ -163,10 +168,18 @@ class TinyArcFace(nn.Module):
 
 
 def export_tiny_scrfd(path: str | Path, *, seed: int = 0) -> Path:
-    """Export :class:`TinySCRFD` to ``path`` with dynamic height and width; returns the path."""
+    """Export :class:`TinySCRFD` to ``path`` with dynamic height and width, marked as a stand-in; returns the path."""
+    import onnx
+
+    from idfusion.faces.stand_in import STAND_IN_KEY, STAND_IN_VALUE
+
     dim = torch.export.Dim.DYNAMIC
     example = torch.zeros(1, 3, 128, 160)
-    return export_onnx(TinySCRFD(seed), example, Path(path), "input.1", list(TinySCRFD.output_names), {2: dim, 3: dim})
+    path = export_onnx(TinySCRFD(seed), example, Path(path), "input.1", list(TinySCRFD.output_names), {2: dim, 3: dim})
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {STAND_IN_KEY: STAND_IN_VALUE})
+    onnx.save(model, str(path))
+    return path
 
 
 def export_tiny_arcface(
