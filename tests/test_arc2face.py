@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -277,3 +278,11 @@ def test_memory_and_dtype_options(tmp_path, faces_dir, tiny_arc2face, capsys):
     if not torch.cuda.is_available():
         assert main([*args, "--out", str(tmp_path / "c"), "--device", "cuda:0"]) == 1
         assert "--device cuda:0: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_an_ignored_prompt_is_named_but_never_echoed_whole(pipe, caplog):
+    identity = np.random.default_rng(2).standard_normal(512).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="idfusion.pipelines.pipeline_arc2face"):
+        pipe(id_embeds=identity, prompt="a castle " * 2500, seed=0, num_inference_steps=1, output_type="np")
+    (record,) = [r for r in caplog.records if "not used" in r.getMessage()]
+    assert "a castle" in record.getMessage() and len(record.getMessage()) < 200

@@ -678,3 +678,13 @@ def test_a_bfloat16_pipeline_keeps_transface_and_the_resampler_float32(release, 
     assert latents.dtype == torch.bfloat16 and torch.isfinite(latents).all()  # the context is cast to the UNet's
     half.save_pretrained(tmp_path / "saved")
     check(FactPipeline.from_pretrained(tmp_path / "saved", torch_dtype=torch.bfloat16))
+
+
+def test_a_face_photo_chooses_the_face_instead_of_the_best_scoring_one(pipe, faces_dir):
+    from idfusion.faces import FacePhoto
+
+    group = faces_dir / "group_six_faces.jpg"
+    crops = [pipe.face_crops([FacePhoto(group, i)])[0] for i in range(6)]
+    assert len({c.tobytes() for c in crops}) == 6  # six different people
+    best = pipe.face_crops([group])[0]  # the release's rule: the highest-scoring face, one of the six
+    assert sum(np.array_equal(best, c) for c in crops) == 1

@@ -253,3 +253,15 @@ def test_regenerate_from_png(tmp_path, faces_dir, capsys, tiny_release):
     assert main(["generate", "--from", first, "--out", str(tmp_path / "b"), *common]) == 0
     second = capsys.readouterr().out.split()[0]
     np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_a_group_photo_is_refused_unless_a_face_is_chosen(official, faces_dir):
+    from idfusion.faces import FacePhoto
+    from idfusion.pipelines.pipeline_flashface import ReferenceImageError
+
+    group = faces_dir / "group_six_faces.jpg"
+    with pytest.raises(ReferenceImageError, match="shows 6 faces.*--face-index"):
+        official.reference_images([group])
+    first, third = (official.reference_images([FacePhoto(group, i)])[0] for i in (0, 2))
+    assert first.size == third.size == (official.release.reference_size,) * 2
+    assert not np.array_equal(np.asarray(first), np.asarray(third))  # crops around two different people

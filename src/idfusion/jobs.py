@@ -106,6 +106,9 @@ class GenerationJob:
         method: a registered method name.
         faces: the face photos (paths, encoded bytes, PIL images or arrays; see :func:`idfusion.images.load_image`).
         face_weights: one blend weight per photo (methods with the ``"blending"`` feature), ``None``: equal.
+        photo_face_index: in face photos with several people, the face to use, counted from the left from 0
+            (``None``: the method's own choice, the largest face; FlashFace refuses such photos); recorded in every
+            image as ``photo_face_index``.
         options: registry option values by :attr:`~idfusion.registry.Option.dest` (``"steps"``, ``"face_box"``...),
             already parsed; ``"file"`` options hold an image input. Values that are not :func:`given` are ignored.
         num_images: images to make (one seed each).
@@ -120,6 +123,7 @@ class GenerationJob:
     method: str
     faces: list[Any] = field(default_factory=list)
     face_weights: list[float] | None = None
+    photo_face_index: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     num_images: int = 1
     seed: int | None = None
@@ -377,7 +381,12 @@ def build_call(job: GenerationJob) -> dict[str, Any]:
         if option.target == "call" and given(value):
             call[option.call_argument] = str(value) if isinstance(value, os.PathLike) else value
     if job.faces:
-        call["faces"] = list(job.faces)
+        if job.photo_face_index is None:
+            call["faces"] = list(job.faces)
+        else:
+            from .faces.types import FacePhoto
+
+            call["faces"] = [FacePhoto(face, job.photo_face_index) for face in job.faces]
         if job.face_weights and any(w != 1.0 for w in job.face_weights):
             call["face_weights"] = list(job.face_weights)
     else:
@@ -445,9 +454,11 @@ def _generate(pipe: Any, job: GenerationJob, progress: ProgressFn | None, should
     if progress is not None or should_cancel is not None:
         call["callback_on_step_end"] = _step_callback(int(steps), progress, should_cancel)
     try:
-        if job.template is None:
-            return pipe(**call)
-        return _template(pipe, job, call)
+        result = pipe(**call) if job.template is None else _template(pipe, job, call)
+        if job.photo_face_index is not None:
+            for meta in result.metadata:
+                meta["photo_face_index"] = job.photo_face_index  # replayed by --from
+        return result
     finally:
         if saved_scheduler is not None:
             pipe.scheduler = saved_scheduler

@@ -13,6 +13,7 @@ from typing import Any
 from .argtypes import arg_type, positive_int, seed
 
 DTYPES = ("float32", "float16", "bfloat16")  # idfusion.jobs.DTYPES (not imported: --help stays light)
+DETECTORS = ("onnx", "hog", "mmod", "world")  # idfusion.faces.DETECTORS, likewise
 
 
 def add_option(parser, option) -> None:
@@ -49,6 +50,16 @@ def add_method_options(parser: argparse.ArgumentParser, specs) -> None:
             add_option(group, option)
 
 
+def add_face_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--face-models`` and ``--detector``, the same for every command that analyses face photos."""
+    parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
+    parser.add_argument(
+        "--detector", choices=DETECTORS,
+        help="face detector: onnx (SCRFD, the default when its model is there), hog or mmod (dlib), world (the "
+        "synthetic world's)",
+    )  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..registry import method_names, methods
 
@@ -64,10 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--face", action="append", type=arg_type(_weighted_face), default=[], metavar="IMAGE[:WEIGHT]",
         help="face photo; repeat for more. Methods that blend identities take a weight per photo (A.jpg:0.7 B.jpg:0.3)",
     )  # fmt: skip
+    parser.add_argument(
+        "--face-index", dest="photo_face_index", type=int, metavar="N",
+        help="in photos with several people, use face N from the left (0 = leftmost; default: the largest, said in "
+        "a warning)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     parser.add_argument("--model", help="Hub repo id or local folder of the method's weights (default: official)")
-    parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
-    parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx if present)")
+    add_face_model_options(parser)
     parser.add_argument("--num-images", type=positive_int, help="images to make (default 1)")
     parser.add_argument("--seed", type=seed, help="seed of the first image; the next get seed+1, ... (default random)")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
@@ -118,6 +133,8 @@ def _apply_metadata(args: argparse.Namespace, meta: dict, spec) -> None:
         setattr(args, option.dest, option.replay(meta[key]) if option.replay else meta[key])
     if args.seed is None:
         args.seed = meta.get("seed")
+    if args.photo_face_index is None and meta.get("photo_face_index") is not None:
+        args.photo_face_index = int(meta["photo_face_index"])
     if args.num_images is None:
         args.num_images = 1
     if spec.supports("blending") and meta.get("face_weights") and all(w == 1.0 for _, w in args.face):
@@ -163,6 +180,7 @@ def _job(args: argparse.Namespace, spec, **fields):
         method=spec.name,
         options=given_options(args),
         face_weights=weights if any(w != 1.0 for w in weights) else None,
+        photo_face_index=getattr(args, "photo_face_index", None),
         num_images=args.num_images or 1,
         seed=args.seed,
         model=args.model,

@@ -31,7 +31,7 @@ def _strength(value: str) -> float:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..registry import methods_with
-    from .generate import DTYPES, add_method_options
+    from .generate import DTYPES, add_face_model_options, add_method_options
 
     specs = methods_with("templates")
     parser = subparsers.add_parser(
@@ -52,8 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strength", type=arg_type(_strength), help="inpainting strength in (0, 1] (default 0.6)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
     parser.add_argument("--model", help="folder or Hub id of the method's weights (default: the official release)")
-    parser.add_argument("--face-models", type=Path, metavar="DIR", help="folder with the ONNX face models")
-    parser.add_argument("--detector", choices=("onnx", "hog", "mmod"), help="face detector (default: onnx if present)")
+    add_face_model_options(parser)
     parser.add_argument("--pose", action="store_true", help="keep the template's pose (the method's pose ControlNet)")
     parser.add_argument("--num-images", type=positive_int, default=1, help="results to make (default 1)")
     parser.add_argument(
@@ -67,31 +66,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..flows.template import template_portraits
+    from ..atomic import check_output_folder
+    from ..jobs import TemplateSettings, run_job
     from ..registry import get_method
-    from .generate import _given, check_options, load_configured_pipeline, write_results
+    from .generate import _job, _load_settings, write_results
 
     spec = get_method(args.method)
     for path in (args.template, *args.face):
         if not path.exists():
             raise ValueError(f"{path}: file not found")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"{args.out}: exists and is not a folder")
-    args.face = [(p, 1.0) for p in args.face]
-    check_options(args, spec)
     if args.pose and not spec.supports("pose"):
         raise ValueError(f"--pose: {spec.title} has no pose control")
-    pipe = load_configured_pipeline(args, spec)
-    call = {
-        option.call_argument: getattr(args, option.dest)
-        for option in spec.all_options()
-        if option.target == "call" and _given(args, option) and option.kind != "file"
-    }
-    if args.strength is not None:
-        call["strength"] = args.strength
-    result = template_portraits(
-        pipe, args.template, [str(p) for p, _ in args.face], face_index=args.face_index, use_pose=args.pose,
-        num_images=args.num_images, seed=args.seed, max_images=spec.max_images, **call,
-    )  # fmt: skip
+    args.face = [(p, 1.0) for p in args.face]
+    template = TemplateSettings(args.template, face_index=args.face_index, strength=args.strength, use_pose=args.pose)
+    job = _job(args, spec, faces=[str(p) for p, _ in args.face], template=template)
+    check_output_folder(args.out)  # before any model loads
+    result = run_job(job, _load_settings(args))
     write_results(result, args.out, f"{args.method}-template", sheet=not args.no_contact_sheet)
     return 0

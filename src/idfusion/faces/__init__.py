@@ -2,7 +2,7 @@
 
 from .align import ARCFACE_TEMPLATE, align_face, arcface_template, estimate_similarity, transform_points
 from .analyzer import DETECTORS, RECOGNIZERS, FaceAnalyzer, available_crops, register_crop
-from .types import Detection, Face, FaceDetector, FaceRecognizer
+from .types import Detection, Face, FaceDetector, FacePhoto, FaceRecognizer
 
 __all__ = [
     "ARCFACE_TEMPLATE",
@@ -12,6 +12,7 @@ __all__ = [
     "Face",
     "FaceAnalyzer",
     "FaceDetector",
+    "FacePhoto",
     "FaceRecognizer",
     "align_face",
     "arcface_template",

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import FaceIndexError, FaceTooSmallError, ImageError, NoFaceError
 from ..images import DEFAULT_MAX_PIXELS, ImageInput, load_image
 from .align import align_face, arcface_template
-from .types import Detection, Face, FaceDetector, FaceRecognizer
+from .types import Detection, Face, FaceDetector, FaceRecognizer, split_face_photo
 
 __all__ = ["FaceAnalyzer", "CropFn", "register_crop", "available_crops", "DETECTORS", "RECOGNIZERS"]
 
@@ -263,8 +263,11 @@ class FaceAnalyzer:
     def get(
         self, image: ImageInput, *, index: int | None = None, aligned: bool = False, name: str | None = None
     ) -> Face:
-        """The one face a method should use: the largest, or the ``index``-th from the left. With several faces
-        and no ``index``, a warning says which one was used."""
+        """The one face a method should use: the largest, or the ``index``-th from the left (also given by a
+        :class:`~idfusion.faces.types.FacePhoto`). With several faces and no index, a warning says which one was
+        used and how to choose another."""
+        image, chosen_index = split_face_photo(image)
+        index = chosen_index if index is None else index
         if index is not None:
             return self.analyze(image, select=index, aligned=aligned, name=name)[0]
         faces = self.analyze(image, select="all", aligned=aligned, name=name)
@@ -273,7 +276,8 @@ class FaceAnalyzer:
         if len(faces) > 1:
             x0, y0, x1, y1 = (int(round(float(v))) for v in chosen.bbox)
             logger.warning(
-                "%s: %d faces found; using the largest, face %d from the left (box %d,%d-%d,%d)",
+                "%s: %d faces found; using the largest, face %d from the left (box %d,%d-%d,%d); choose another "
+                "with --face-index (FacePhoto in the API)",
                 chosen.source or name or "photo", len(faces), position, x0, y0, x1, y1,
             )  # fmt: skip
         return chosen

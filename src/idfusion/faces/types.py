@@ -8,11 +8,11 @@ nose tip, the mouth corner on the image's left, the mouth corner on the image's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Detection", "Face", "FaceDetector", "FaceRecognizer"]
+__all__ = ["Detection", "Face", "FaceDetector", "FacePhoto", "FaceRecognizer", "split_face_photo"]
 
 
 @dataclass
@@ -31,6 +31,29 @@ class Detection:
     score: float
     landmarks: np.ndarray | None = None
     dense_landmarks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class FacePhoto:
+    """A photo with several people and which of its faces to use, as a face input of any pipeline.
+
+    ``index`` counts from the left from 0 (negative counts from the right), as ``FaceAnalyzer.analyze(select=...)``
+    does. Without it, one-face methods use the largest face (FACT: the highest-scoring one) and say so.
+    """
+
+    image: Any
+    index: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.index, bool) or not isinstance(self.index, (int, np.integer)):
+            raise ValueError(f"face index must be an integer (0 = leftmost), got {self.index!r}")
+
+
+def split_face_photo(item: Any) -> tuple[Any, int | None]:
+    """``(image, face index or None)`` of a face input: a :class:`FacePhoto` or a plain image."""
+    if isinstance(item, FacePhoto):
+        return item.image, int(item.index)
+    return item, None
 
 
 @dataclass

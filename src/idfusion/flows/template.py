@@ -87,6 +87,7 @@ class TemplateCrop:
         index: the face's index in the template, counted from the left.
         control_images: ControlNet conditions by name, computed by the pipeline's ``control_hooks``.
         box: the square crop ``(x0, y0, x1, y1)`` in template pixels (may extend past the image).
+        label: ``"face k of N"``: which of this result's repaints it is (progress bars show it).
     """
 
     image: PIL.Image.Image
@@ -95,6 +96,7 @@ class TemplateCrop:
     index: int
     control_images: dict[str, PIL.Image.Image] = field(default_factory=dict)
     box: Box = (0, 0, 0, 0)
+    label: str = ""
 
 
 @dataclass
@@ -508,7 +510,7 @@ class TemplatePortrait:
         return protected
 
     def _repaint(
-        self, current: np.ndarray, face: Face, index: int, others: list[Face], blacked: list[Face]
+        self, current: np.ndarray, face: Face, index: int, others: list[Face], blacked: list[Face], label: str = ""
     ) -> tuple[np.ndarray, Box, np.ndarray]:
         """Repaint one face of ``current``; returns the new image, the crop box and the template-size alpha.
         ``others`` are protected from the paste, ``blacked`` are blacked out in what the inpainter sees."""
@@ -534,7 +536,15 @@ class TemplatePortrait:
         controls = {name: hook(crop, local) for name, hook in self.control_hooks.items()}
 
         result = self.inpaint(
-            TemplateCrop(image=crop, mask_image=mask_image, face=local, index=index, control_images=controls, box=box)
+            TemplateCrop(
+                image=crop,
+                mask_image=mask_image,
+                face=local,
+                index=index,
+                control_images=controls,
+                box=box,
+                label=label,
+            )  # fmt: skip
         )
         if not isinstance(result, PIL.Image.Image):
             raise TypeError(f"the inpaint callable must return a PIL image, got {type(result).__name__}")
@@ -598,7 +608,8 @@ class TemplatePortrait:
                 len(chosen),
                 [round(float(v)) for v in face.bbox],
             )
-            current, box, alpha = self._repaint(current, face, position[face_id], others, blacked)
+            label = f"face {step} of {len(chosen)}"
+            current, box, alpha = self._repaint(current, face, position[face_id], others, blacked, label)
             boxes.append(box)
             masks.append(alpha)
         return TemplateResult(
@@ -743,10 +754,16 @@ def template_portraits(
 
     def inpaint(crop: TemplateCrop) -> PIL.Image.Image:
         extra = {"control_images": dict(crop.control_images)} if crop.control_images else {}
-        out = pipe(
-            **identity, prompt=text, image=crop.image, mask_image=crop.mask_image, strength=strength,
-            seed=current["seed"], height=size, width=size, **extra, **call_defaults,
-        )  # fmt: skip
+        # diffusers replaces the whole bar config: keep the caller's (disable=...) and restore it afterwards
+        bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(**{**bar_config, "desc": crop.label or None})
+        try:
+            out = pipe(
+                **identity, prompt=text, image=crop.image, mask_image=crop.mask_image, strength=strength,
+                seed=current["seed"], height=size, width=size, **extra, **call_defaults,
+            )  # fmt: skip
+        finally:
+            pipe.set_progress_bar_config(**bar_config)
         calls.append(out.metadata[0])
         return out.images[0]
 

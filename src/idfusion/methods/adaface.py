@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ImageError, ModelFilesError
+from ..errors import FaceIndexError, ImageError, ModelFilesError
 from ..serialization import PickledStub, load_pickled_state, module_state_dict, stub_qualified_name
 
 if TYPE_CHECKING:
@@ -775,12 +775,19 @@ class OfficialFaceEmbedder:
         face_image = official_face_image(image, name=name)
         return face_image, self.detector.detect(face_image)
 
-    def embed(self, image: np.ndarray, *, name: str = "image") -> np.ndarray | None:
-        """The unit ``(512,)`` float32 embedding of the release's chosen face, or ``None`` when none is found."""
+    def embed(self, image: np.ndarray, *, name: str = "image", index: int | None = None) -> np.ndarray | None:
+        """The unit ``(512,)`` float32 embedding of the release's chosen face (or of the ``index``-th face from the
+        left), or ``None`` when none is found."""
         face_image, detections = self.detect(image, name=name)
         if not detections:
             return None
-        chosen = detections[official_face_index(np.stack([d.bbox for d in detections]))]
+        if index is None:
+            chosen = detections[official_face_index(np.stack([d.bbox for d in detections]))]
+        else:
+            ordered = sorted(detections, key=lambda d: float(d.bbox[0] + d.bbox[2]))
+            if not -len(ordered) <= index < len(ordered):
+                raise FaceIndexError(name, f"face index {index} requested, but the image has {len(ordered)} face(s)")
+            chosen = ordered[index]
         embedding = self.recognizer.embed(face_image, chosen.landmarks[None])[0].astype(np.float32)
         return embedding / np.linalg.norm(embedding)
 

@@ -30,6 +30,7 @@ from diffusers import DiffusionPipeline
 from .. import __version__
 from ..errors import IdfusionError, ModelFilesError
 from ..faces import Face, FaceAnalyzer
+from ..faces.types import FacePhoto, split_face_photo
 from ..images import ImageInput
 from .scheduling import SCHEDULERS, scheduler_from_name, scheduler_name
 
@@ -49,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FaceInput = ImageInput | Face
+FaceInput = ImageInput | Face | FacePhoto  # FacePhoto: a photo and which of its faces
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None]
 
@@ -379,15 +380,18 @@ class IdentityPipeline(DiffusionPipeline):
         return {"faces": faces}
 
     def photo_faces(self, faces: Sequence[FaceInput]) -> list[tuple[np.ndarray, Face]]:
-        """``(RGB array, largest face)`` of each photo, for methods that crop the photos themselves."""
+        """``(RGB array, face)`` of each photo (the largest face, or a :class:`FacePhoto`'s), for methods that crop
+        the photos themselves."""
         from ..images import load_image
 
         found = []
         for item in faces:
             if isinstance(item, Face):
                 raise IdentityInputError(f"{item.source}: {type(self).__name__} needs the photo itself, not a Face")
-            loaded = load_image(item)
-            found.append((loaded.array, self.default_face_analyzer().get(loaded.array, name=loaded.name)))
+            image, index = split_face_photo(item)
+            loaded = load_image(image)
+            face = self.default_face_analyzer().get(loaded.array, index=index, name=loaded.name)
+            found.append((loaded.array, face))
         return found
 
     # ---- settings ---------------------------------------------------------------------------------------------

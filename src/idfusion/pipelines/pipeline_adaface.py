@@ -288,6 +288,7 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         (:class:`~idfusion.methods.adaface.OfficialFaceEmbedder` on the antelopev2 models)."""
         from ..errors import NoFaceError
         from ..faces.onnx_backend import resolve_onnx_model_dir
+        from ..faces.types import split_face_photo
         from ..images import load_image
 
         embedder = getattr(self, "_official_embedder", None)
@@ -296,8 +297,9 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             self._official_embedder = embedder
         rows = []
         for item in faces if isinstance(faces, (list, tuple)) else [faces]:
-            loaded = load_image(item)
-            embedding = embedder.embed(loaded.array, name=loaded.name)
+            image, index = split_face_photo(item)
+            loaded = load_image(image)
+            embedding = embedder.embed(loaded.array, name=loaded.name, index=index)
             if embedding is None:
                 raise NoFaceError(loaded.name, "no face found by SCRFD on the release's padded 512 image")
             rows.append(embedding)
@@ -404,10 +406,15 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         identity, references = self.prepare_id_embeds(faces_for_identity, id_embeds)
         ada = self.ada_embeddings(identity.to(self.id_encoder.device), id_scale)
         if joint:
+            from ..faces.types import split_face_photo
             from ..images import load_image
             from ..methods.adaface_consistentid import joint_subject_embeddings
 
-            photos = [load_image(f).array for f in (faces if isinstance(faces, (list, tuple)) else [faces])]
+            # The ConsistentID branch detects its own face in each photo (the largest), as the release does.
+            photos = [
+                load_image(split_face_photo(f)[0]).array
+                for f in (faces if isinstance(faces, (list, tuple)) else [faces])
+            ]
             branch = self.consistentid(photos, id_cfg_scale=consistentid_scale)
             ada = joint_subject_embeddings(branch.to(ada), ada)
         groups = self.adaface.joint_subject_tokens(consistentid=joint)

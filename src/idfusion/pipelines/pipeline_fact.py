@@ -394,15 +394,18 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         face (:func:`~idfusion.methods.fact.best_scoring_face`), everything outside that face's head mask set to
         0, then the 5-point ArcFace alignment."""
         from ..faces.masks import head_mask
-        from ..faces.types import Face
+        from ..faces.types import Face, split_face_photo
 
         crops = []
         for item in faces:
             if isinstance(item, Face):
                 raise IdentityInputError(f"{item.source}: {type(self).__name__} needs the photo itself, not a Face")
-            loaded = load_image(item)
+            image, index = split_face_photo(item)
+            loaded = load_image(image)
             pixels = fact.limit_photo_size(loaded.array, max_photo_side)
-            face = fact.best_scoring_face(self.default_face_analyzer().analyze(pixels, name=loaded.name))
+            found = self.default_face_analyzer().analyze(pixels, select="all" if index is None else index,
+                                                         name=loaded.name)  # fmt: skip
+            face = fact.best_scoring_face(found) if index is None else found[0]
             crops.append(fact.face_crop(pixels, face.landmarks, head_mask(face, pixels.shape[:2])))
         return crops
 

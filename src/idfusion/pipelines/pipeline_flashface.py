@@ -19,6 +19,7 @@ import torch
 
 from ..errors import FaceError, IdfusionError
 from ..faces import Face, align_face
+from ..faces.types import split_face_photo
 from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..methods import flashface
@@ -208,13 +209,16 @@ class FlashFacePipeline(IdentityPipeline):
         for index, item in enumerate(faces):
             if isinstance(item, Face):
                 raise ReferenceImageError(item.source, "FlashFace needs the photo itself, not a Face record")
-            loaded = load_image(item)
-            found = self.default_face_analyzer().analyze(loaded.array, name=loaded.name)
+            image, chosen = split_face_photo(item)
+            loaded = load_image(image)
+            found = self.default_face_analyzer().analyze(
+                loaded.array, select="all" if chosen is None else chosen, name=loaded.name
+            )
             if len(found) != 1:
                 raise ReferenceImageError(
                     loaded.name,
                     f"reference {index + 1} shows {len(found)} faces; FlashFace needs exactly one face per reference "
-                    "photo (crop it to one person)",
+                    "photo (crop it to one person, or choose one with --face-index)",
                 )
             face = found[0]
             if self.release is OFFICIAL:
