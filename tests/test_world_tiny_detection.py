@@ -61,4 +61,5 @@ def test_generate_refuses_a_faceless_photo_on_the_tiny_kit(tiny_release, tmp_pat
                  "--steps", "1", "--out", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "blue.png" in err and "no face found" in err and "Traceback" not in err
+    assert "loading Arc2Face from" in err  # the status line before the silent part
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

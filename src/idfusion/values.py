@@ -72,6 +72,8 @@ def face_box(value: str) -> list[float]:
         box = []
     if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box):
         raise OptionValueError(f"expected x1,y1,x2,y2 with each value in [0, 1], got {value!r}")
+    if any(box) and not (box[2] > box[0] and box[3] > box[1]):
+        raise OptionValueError(f"expected x2 > x1 and y2 > y1 (or 0,0,0,0 for no box), got {value!r}")
     return box
 
 

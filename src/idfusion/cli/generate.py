@@ -7,6 +7,7 @@ a method's name.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +234,15 @@ def run(args: argparse.Namespace) -> int:
     job = _job(args, spec, faces=[str(p) for p, _ in args.face], id_embeds=id_embeds, recorded_scheduler=recorded)
     check_job(job)
     check_output_folder(args.out, _output_bytes(job, sheet=not args.no_contact_sheet))  # before any model loads
+    say_loading(spec, args.model)
     result = run_job(job, _load_settings(args))
     write_results(result, args.out, args.method, sheet=not args.no_contact_sheet)
     return 0
+
+
+def say_loading(spec, model: str | None) -> None:
+    """One status line on stderr before the silent part (loading can take a minute); stdout stays the paths."""
+    print(f"loading {spec.title} from {model or 'the official release'} ...", file=sys.stderr, flush=True)
 
 
 def _output_bytes(job, *, sheet: bool) -> int:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import check_output_folder
     from ..jobs import TemplateSettings, run_job
     from ..registry import get_method
-    from .generate import _job, _load_settings, write_results
+    from .generate import _job, _load_settings, say_loading, write_results
 
     spec = get_method(args.method)
     for path in (args.template, *args.face):
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     template = TemplateSettings(args.template, face_index=args.face_index, strength=args.strength, use_pose=args.pose)
     job = _job(args, spec, faces=[str(p) for p, _ in args.face], template=template)
     check_output_folder(args.out)  # before any model loads
+    say_loading(spec, args.model)
     result = run_job(job, _load_settings(args))
     write_results(result, args.out, f"{args.method}-template", sheet=not args.no_contact_sheet)
     return 0

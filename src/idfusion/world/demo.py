@@ -115,12 +115,14 @@ def run_demo(
     """
     from tqdm.auto import tqdm
 
+    from ..atomic import check_output_folder
     from ..outputs import contact_sheet, file_sha256, save_new_generated_image
     from .backends import WorldDetector, WorldRecognizer
     from .base import base_model_dir, generate, load_base_pipeline
 
     if not 1 <= identities <= 4:
         raise ValueError(f"identities must be 1 to 4 (one row of the sheet per method), got {identities}")
+    check_output_folder(out_dir)  # before any work
     references, prompts = _references(identities, seed)
     seeds = [seed * 1000 + k for k in range(identities)]
     detector, judge = WorldDetector(), WorldRecognizer("world-judge")
