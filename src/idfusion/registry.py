@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from . import values
 from .errors import IdfusionError
+from .hub import FACE_MODELS, DownloadSource
 from .pipelines.scheduling import SCHEDULERS
 
 __all__ = [
@@ -176,6 +177,8 @@ class MethodSpec:
         converter: ``"module:function(source, out)"`` converting official files to safetensors (``convert``).
         bench: ``"module:attribute"`` of its :class:`~idfusion.bench.BenchCase`.
         recipe: the training recipe's name, when the method can be trained.
+        downloads: where its official files come from and where idfusion looks for them
+            (:class:`~idfusion.hub.DownloadSource`; ``idfusion download`` fetches them, the release first).
     """
 
     name: str
@@ -192,6 +195,7 @@ class MethodSpec:
     converter: str | None = None
     bench: str | None = None
     recipe: str | None = None
+    downloads: tuple[DownloadSource, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - FEATURES
@@ -288,6 +292,150 @@ def options_by_flag(specs: Iterable[MethodSpec]) -> dict[str, tuple[Option, list
     return found
 
 
+# ---- where the built-in methods' official files come from ------------------------------------------------------
+# The repos, revisions and file patterns are those each pipeline's from_pretrained resolves by default;
+# ``folder`` is where the pipeline looks for the part inside a model folder (--model DIR).
+
+_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_ADAFACE_REPO = "adaface-neurips/adaface-models"
+# A whole SD1.5 base (diffusers' StableDiffusionPipeline loads it): AdaFace, FACT and FeedFace-SD1.5.
+_SD15_PATTERNS = ("*.json", "*.txt", "unet/*", "text_encoder/*", "vae/*")
+_SD15_REQUIRED = (
+    "model_index.json",
+    "unet/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+)
+
+
+def _sd15_base(folder: str) -> DownloadSource:
+    return DownloadSource(_SD15, "SD1.5 base model", _SD15_PATTERNS, _SD15_REQUIRED, folder=folder)
+
+
+_ARC2FACE = DownloadSource(
+    "FoivosPar/Arc2Face",
+    "Arc2Face",
+    ("arc2face/*", "encoder/*", "controlnet/*", "arcface.onnx", "antelopev2/*"),
+    (
+        "arc2face/config.json",
+        "arc2face/diffusion_pytorch_model.safetensors",
+        "encoder/config.json",
+        "encoder/pytorch_model.bin|encoder/model.safetensors",
+    ),
+)
+_ARC2FACE_DOWNLOADS = (
+    _ARC2FACE,
+    DownloadSource(
+        _SD15,
+        "SD1.5 base (VAE, tokenizer, scheduler)",
+        ("vae/*", "tokenizer/*", "scheduler/*"),
+        (
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors|vae/diffusion_pytorch_model.bin",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "scheduler/scheduler_config.json",
+        ),
+        folder="stable-diffusion-v1-5",
+    ),
+    # The ONNX face models go where the face backend searches (the model folder's antelopev2/ with --out): the
+    # ArcFace recognizer from the Arc2Face repo's top level, and the SCRFD detector of insightface's antelopev2 pack,
+    # which is on the Hub as part of AdaFace's release (the Arc2Face README points to a zip on Google Drive).
+    DownloadSource(
+        _ARC2FACE.repo_id, "ArcFace face recognizer", required=("arcface.onnx",), folder="antelopev2",
+        default=FACE_MODELS, flatten="",
+    ),
+    DownloadSource(
+        _ADAFACE_REPO, "SCRFD face detector (insightface antelopev2)",
+        ("models/insightface/models/antelopev2/scrfd_10g_bnkps.onnx",), ("scrfd_10g_bnkps.onnx",),
+        folder="antelopev2", default=FACE_MODELS, flatten="models/insightface/models/antelopev2",
+    ),
+)  # fmt: skip
+
+_ADAFACE_ENCODER = "models/arc2face/encoder"
+_ADAFACE_REQUIRED = (
+    f"{_ADAFACE_ENCODER}/config.json",
+    f"{_ADAFACE_ENCODER}/pytorch_model.bin|{_ADAFACE_ENCODER}/model.safetensors",
+    "models/adaface/VGGface2_HQ_masks2024-10-14T16-09-24_zero3-ada-3500.pt",  # the v2 checkpoint
+)
+_ADAFACE = DownloadSource(
+    _ADAFACE_REPO,
+    "AdaFace",
+    # with the ConsistentID branch's files (the v2 joint checkpoint uses them) and the face models
+    (
+        *(alt for item in _ADAFACE_REQUIRED for alt in item.split("|")),
+        "models/insightface/models/antelopev2/*",
+        "ConsistentID/models/*",
+        "models/insightface/models/buffalo_l/*",
+    ),
+    _ADAFACE_REQUIRED,
+)
+_ADAFACE_DOWNLOADS = (
+    _ADAFACE,
+    _sd15_base("models/stable-diffusion-v1-5"),
+    DownloadSource(
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "CLIP-ViT-H-14 (the ConsistentID branch)",
+        ("*.json", "*.safetensors"), ("config.json",), folder="models/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    ),
+)  # fmt: skip
+
+_FLASHFACE = DownloadSource(
+    "shilongz/FlashFace-SD1.5",
+    "FlashFace",
+    required=("flashface.ckpt", "openai-clip-vit-large-14.pth", "sd-v1-vae.pth", "bpe_simple_vocab_16e6.txt.gz"),
+)
+_OPEN_FLASHFACE = DownloadSource(
+    "IntellectGen/FlashFace",
+    "open FlashFace",
+    # the whole diffusers folder: the pipeline checks the configs, the loader reads every component's weights
+    ("model_index.json", "unet/*", "refnet/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"),
+    ("model_index.json", "unet/config.json", "refnet/config.json", "vae/config.json"),
+)
+
+# FaceChain-FACT is on ModelScope only: its files go into the folder the README passes as --model FaceChain-FACT/.
+_FACT_FOLDER = "FaceChain-FACT"
+_FACT = DownloadSource(
+    "yucheng1996/FaceChain-FACT",
+    "FaceChain-FACT",
+    required=(
+        "ms1mv2_model_TransFace_S.pt",
+        "adapter_maj_mask_large_new_reg001_faceshuffle_00290001.ckpt",
+        "adapter_film_mask_large_new_reg001_faceshuffle_00290001.ckpt",
+    ),
+    revision="v1.0.0",
+    hub="modelscope",
+    default=_FACT_FOLDER,
+)
+_FACT_LORA = "Cherrytest/zjz_mj_jiyi_small_addtxt_fromleo"
+_FACT_DOWNLOADS = (
+    _FACT,
+    # the release's default style LoRA, in the folder of its repo name inside the FACT folder (where FACT looks)
+    DownloadSource(
+        _FACT_LORA, "FaceChain's default style LoRA", required=("zjz_mj_jiyi_small_addtxt_fromleo.safetensors",),
+        revision="v1.0.0", hub="modelscope", folder=_FACT_LORA.split("/")[1],
+        default=f"{_FACT_FOLDER}/{_FACT_LORA.split('/')[1]}",
+    ),
+    _sd15_base("stable-diffusion-v1-5"),
+)  # fmt: skip
+
+_FEEDFACE = DownloadSource(
+    "Xiang-cd/FeedFace",
+    "FeedFace",
+    required=tuple(
+        f"models/{name}|{name}"
+        for name in ("uvit_v1.pth", "autoencoder_kl.pth", "caption_decoder.pth", "gpt2/config.json", "feed-4800000.pt")
+    ),
+)
+_FEEDFACE_DOWNLOADS = (
+    _FEEDFACE,
+    DownloadSource(
+        "openai/clip-vit-large-patch14", "CLIP ViT-L/14 text encoder", ("*.json", "*.txt", "*.safetensors"),
+        ("config.json", "vocab.json", "merges.txt"), folder="models/clip-vit-large-patch14",
+    ),
+)  # fmt: skip
+
 # ---- the built-in methods -------------------------------------------------------------------------------------
 
 _REFERENCE_STRENGTH = Option(
@@ -307,9 +455,10 @@ register_method(
         pipeline="idfusion.pipelines.pipeline_arc2face:Arc2FacePipeline",
         identity="embedding",
         features=frozenset({"negative_prompt", "base_model", "lora", "controlnet", "lcm"}),
-        default_model="FoivosPar/Arc2Face",
+        default_model=_ARC2FACE.repo_id,
         tiny="idfusion.testing.tiny_arc2face:write_arc2face",
         bench="idfusion.bench:ARC2FACE",
+        downloads=_ARC2FACE_DOWNLOADS,
     )
 )
 register_method(
@@ -334,9 +483,10 @@ register_method(
                 choices=("idfusion", "official"),
             ),
         ),  # fmt: skip
-        default_model="adaface-neurips/adaface-models",
+        default_model=_ADAFACE.repo_id,
         tiny="idfusion.testing.make_tiny:write_adaface",
         converter="idfusion.methods.adaface:convert_adaface_checkpoint",
+        downloads=_ADAFACE_DOWNLOADS,
     )
 )
 register_method(
@@ -366,10 +516,11 @@ register_method(
             ),
         ),  # fmt: skip
         load_arguments={"release": "flashface"},
-        default_model="shilongz/FlashFace-SD1.5",
+        default_model=_FLASHFACE.repo_id,
         tiny="idfusion.testing.tiny_flashface:write_flashface",
         converter="idfusion.convert.flashface:convert_flashface",
         bench="idfusion.bench:FLASHFACE",
+        downloads=(_FLASHFACE,),
     )
 )
 register_method(
@@ -382,8 +533,9 @@ register_method(
         features=frozenset({"negative_prompt", "blending"}),
         options=(_REFERENCE_STRENGTH,),
         load_arguments={"release": "open-flashface"},
-        default_model="IntellectGen/FlashFace",
+        default_model=_OPEN_FLASHFACE.repo_id,
         tiny="idfusion.testing.tiny_flashface:write_open_flashface",
+        downloads=(_OPEN_FLASHFACE,),
     )
 )
 register_method(
@@ -414,10 +566,11 @@ register_method(
                 choices=("tie", "any"),
             ),
         ),
-        default_model="yucheng1996/FaceChain-FACT",
+        default_model=_FACT.repo_id,
         max_images=6,
         tiny="idfusion.testing.tiny_fact:write_fact",
         bench="idfusion.bench:FACT",
+        downloads=_FACT_DOWNLOADS,
     )
 )
 register_method(
@@ -428,9 +581,10 @@ register_method(
         pipeline="idfusion.pipelines.pipeline_feedface:FeedFacePipeline",
         identity="photos",
         options=(_FACE_MODE, _FEED_SCALE),
-        default_model="Xiang-cd/FeedFace",
+        default_model=_FEEDFACE.repo_id,
         tiny="idfusion.testing.make_tiny:write_feedface",
         bench="idfusion.bench:FEEDFACE",
+        downloads=_FEEDFACE_DOWNLOADS,
     )
 )
 register_method(
@@ -443,5 +597,6 @@ register_method(
         features=frozenset({"negative_prompt", "base_model"}),
         options=(_FACE_MODE, _FEED_SCALE),
         tiny="idfusion.testing.make_tiny:write_feedface_sd15",
+        downloads=(_sd15_base("stable-diffusion-v1-5"),),  # only the base: the adapter comes from training
     )
 )

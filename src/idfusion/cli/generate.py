@@ -92,6 +92,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images, less memory)")
     parser.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
     parser.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE.png", help="make an idfusion PNG again")
+    parser.add_argument(
+        "--jobs", type=Path, metavar="FILE",
+        help="run every job of a JSON/JSONL job file (resumable: images already in --out are skipped; see "
+        "idfusion.batch for the schema; FeedFace's -j files read as they are). Options given here apply to every "
+        "job that does not set them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", metavar="I/N", help="with --jobs: make only every N-th image from the I-th (default: one shard per "
+        "accelerate launch process)",
+    )  # fmt: skip
     parser.add_argument("--no-contact-sheet", action="store_true", help="do not write the contact sheet")
     parser.add_argument(
         "--allow-large", action="store_true",
@@ -208,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import decode_array, read_generation_metadata
     from ..registry import get_method, method_names
 
+    if args.jobs is not None:
+        return run_jobs(args)
+    if args.shard is not None:
+        raise ValueError("--shard goes with --jobs FILE")
     id_embeds, meta = None, None
     if args.from_image is not None:
         meta = read_generation_metadata(args.from_image)
@@ -238,6 +252,34 @@ def run(args: argparse.Namespace) -> int:
     result = run_job(job, _load_settings(args))
     write_results(result, args.out, args.method, sheet=not args.no_contact_sheet)
     return 0
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    """``--jobs FILE``: every job of the file, resumable and sharded; a bad line is reported and skipped."""
+    from ..batch import read_job_file, run_batch, shard_of
+    from ..jobs import given_options
+
+    if args.face or args.from_image is not None:
+        raise ValueError("--jobs FILE takes the photos from the file: do not give --face or --from")
+    shard = shard_of(args.shard)
+    lines = read_job_file(
+        args.jobs, method=args.method, model=args.model, face_index=args.photo_face_index,
+        allow_large=args.allow_large, options=given_options(args),
+    )  # fmt: skip
+    for line in lines:
+        if line.error is not None:
+            print(f"idfusion generate: {args.jobs}: line {line.line}: {line.error}", file=sys.stderr)
+    report = run_batch(lines, args.out, _load_settings(args), shard=shard)
+    for error in report.errors[sum(line.error is not None for line in lines) :]:
+        print(f"idfusion generate: {args.jobs}: {error}", file=sys.stderr)
+    for path in report.written:
+        print(path)
+    print(
+        f"{len(report.written)} images written, {report.skipped} already done, {report.other_shards} left to other "
+        f"shards, {len(report.errors)} job error(s)",
+        file=sys.stderr,
+    )
+    return 1 if report.errors else 0
 
 
 def say_loading(spec, model: str | None) -> None:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "bench": "bench",
     "convert": "convert",
     "demo": "demo",
+    "download": "download",
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",
