@@ -148,7 +148,7 @@ class AdaFacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             what="AdaFace",
             # the ConsistentID branch's files too (v2 joint checkpoints use them)
             allow_patterns=[
-                *required,
+                *(pattern for alternatives in required for pattern in alternatives.split("|")),  # "a|b": fetch both
                 f"{FACE_MODEL_FOLDER}/*",
                 "ConsistentID/models/*",
                 "models/insightface/models/buffalo_l/*",
