@@ -239,7 +239,9 @@ def load_configured(spec, model: str | None, settings: LoadSettings, load_option
         load_kwargs["torch_dtype"] = dtype
     if settings.local_files_only is not None:
         load_kwargs["local_files_only"] = settings.local_files_only
-    pipe = load_pipeline(spec.name, model, **load_kwargs)
+    from .pipelines.core import freeze_for_inference
+
+    pipe = freeze_for_inference(load_pipeline(spec.name, model, **load_kwargs))
     if settings.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

@@ -43,6 +43,7 @@ __all__ = [
     "IdentityPipeline",
     "SamplingSettings",
     "check_one_identity",
+    "freeze_for_inference",
     "identity_embedding",
     "make_generators",
     "resolve_seeds",
@@ -189,6 +190,18 @@ def identity_embedding(
     embeds = embeds / embeds.norm(dim=1, keepdim=True)
     identity = embeds.mean(dim=0, keepdim=True)
     return (identity / identity.norm(dim=1, keepdim=True)).float(), references
+
+
+def freeze_for_inference(pipe: Any) -> Any:
+    """``eval()`` and ``requires_grad_(False)`` on every module of ``pipe`` (registered or held as an attribute),
+    as the releases do before sampling: under autocast torch otherwise caches a low-precision copy of every weight
+    that requires grad (about 3.6 GiB at SD1.5 size). Returns ``pipe``."""
+    seen: set[int] = set()
+    for value in [*getattr(pipe, "components", {}).values(), *vars(pipe).values()]:
+        if isinstance(value, torch.nn.Module) and id(value) not in seen:
+            seen.add(id(value))
+            value.eval().requires_grad_(False)
+    return pipe
 
 
 @contextmanager
