@@ -312,3 +312,19 @@ def test_cli_module_does_not_import_torch():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_cli_method_picks_the_registry_recipe(monkeypatch, capsys):
+    from dataclasses import replace
+
+    from idfusion import registry
+    from idfusion.cli.main import main
+
+    assert main(["train", "--method", "arc2face", "--print-config"]) == 1
+    assert "--method arc2face: Arc2Face has no training recipe yet" in capsys.readouterr().err
+    spec = replace(registry.get_method("arc2face"), recipe="text-to-image")
+    monkeypatch.setitem(registry._METHODS, "arc2face", spec)
+    assert main(["train", "--method", "arc2face", "--print-config"]) == 0
+    assert "name: text-to-image" in capsys.readouterr().out
+    assert main(["train", "--method", "arc2face", "--recipe", "other", "--print-config"]) == 1
+    assert "trains with recipe 'text-to-image', not --recipe other" in capsys.readouterr().err

@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train with a recipe (e.g. text-to-image) and a YAML config; checkpoints, logs, validation "
         "images and the final model (in its inference format, under OUTPUT/model) go to the output folder.",
     )
+    parser.add_argument(
+        "--method", metavar="METHOD",
+        help="train this method with its recipe (the registry's; e.g. flashface); or give --recipe",
+    )  # fmt: skip
     parser.add_argument("--recipe", metavar="NAME", help="training recipe (default: recipe.name in the config)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML run config")
     parser.add_argument("--output", type=Path, metavar="DIR", help="output folder (overrides output_dir)")
@@ -44,8 +48,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def recipe_of_method(name: str) -> str:
+    """The training recipe the registry names for method ``name``."""
+    from ..registry import get_method, methods
+    from ..training.config import ConfigError
+
+    spec = get_method(name)
+    if spec.recipe is None:
+        trainable = [s.name for s in methods() if s.recipe]
+        raise ConfigError(
+            f"--method {name}: {spec.title} has no training recipe yet"
+            + (f"; methods with one: {', '.join(trainable)}" if trainable else "")
+        )
+    return spec.recipe
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.config import ConfigError, default_document, dump_config, load_config
+
+    if args.method is not None:
+        recipe = recipe_of_method(args.method)
+        if args.recipe is not None and args.recipe != recipe:
+            raise ConfigError(f"--method {args.method} trains with recipe {recipe!r}, not --recipe {args.recipe}")
+        args.recipe = recipe
 
     if args.config is None:
         if not args.print_config:
