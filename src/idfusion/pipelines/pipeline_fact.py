@@ -33,6 +33,7 @@ from ..images import ImageInput, load_image
 from ..loras import activate_loras
 from ..methods import fact
 from ..prompt_encoders import encode_text
+from ..registry import get_method
 from .core import (
     FaceAnalysisNeeds,
     FaceInput,
@@ -47,13 +48,12 @@ __all__ = ["FactPipeline", "FaceTokens", "MODEL_ID", "POSE_CONTROLNET", "CANNY_C
 
 logger = logging.getLogger(__name__)
 
-#: The release lives on ModelScope (revision v1.0.0), not on the Hugging Face Hub.
-MODEL_ID = "yucheng1996/FaceChain-FACT"
-#: The one place to get it, for messages.
-SOURCE = (
-    f"on ModelScope ({MODEL_ID}, revision v1.0.0; e.g. `modelscope download --model {MODEL_ID} --revision v1.0.0 "
-    "--local_dir DIR`)"
-)
+#: The release lives on ModelScope (revision v1.0.0), not on the Hugging Face Hub; the registry's download data is
+#: the one place that says so (``idfusion download`` reads it too).
+_RELEASE = get_method("fact").downloads[0]
+MODEL_ID = _RELEASE.repo_id
+#: Where to get it, for messages.
+SOURCE = _RELEASE.published
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 #: The OpenPose ControlNet the release uses (it ships a copy in ModelScope ``damo/face_chain_control_model``).
 POSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
