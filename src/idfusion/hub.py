@@ -39,6 +39,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The SD1.5 base every SD1.5-family method defaults to, and the files a whole diffusers SD1.5 folder must have
+#: (AdaFace, FACT and FeedFace-SD1.5 load it as a ``StableDiffusionPipeline``).
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_PIPELINE_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "text_encoder/config.json",
+    "tokenizer/vocab.json",
+    "vae/config.json",
+    "scheduler/scheduler_config.json",
+)
+
 # The Hub's own rule, simplified: owner and name of letters, digits, "-", "_", "."; no "--" or ".." anywhere.
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _TRUE = {"1", "on", "yes", "true"}

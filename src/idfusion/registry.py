@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from . import values
 from .errors import IdfusionError
-from .hub import FACE_MODELS, DownloadSource
+from .hub import FACE_MODELS, SD15_PIPELINE_FILES, SD15_REPO, DownloadSource
 from .pipelines.scheduling import SCHEDULERS
 
 __all__ = [
@@ -296,18 +296,11 @@ def options_by_flag(specs: Iterable[MethodSpec]) -> dict[str, tuple[Option, list
 # The repos, revisions and file patterns are those each pipeline's from_pretrained resolves by default;
 # ``folder`` is where the pipeline looks for the part inside a model folder (--model DIR).
 
-_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_SD15 = SD15_REPO
 _ADAFACE_REPO = "adaface-neurips/adaface-models"
 # A whole SD1.5 base (diffusers' StableDiffusionPipeline loads it): AdaFace, FACT and FeedFace-SD1.5.
 _SD15_PATTERNS = ("*.json", "*.txt", "unet/*", "text_encoder/*", "vae/*")
-_SD15_REQUIRED = (
-    "model_index.json",
-    "unet/config.json",
-    "text_encoder/config.json",
-    "tokenizer/vocab.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-)
+_SD15_REQUIRED = SD15_PIPELINE_FILES
 
 
 def _sd15_base(folder: str) -> DownloadSource:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..hub import SD15_REPO
 from ..prompt_encoders import encode_arcface_id_prompt, encode_text
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "FoivosPar/Arc2Face"
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BASE_MODEL = SD15_REPO
 
 REQUIRED_FILES = (
     "arc2face/config.json",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-from ..hub import resolve_model_folder
+from ..hub import SD15_PIPELINE_FILES, SD15_REPO, resolve_model_folder
 from ..images import ImageInput
 from ..loras import DEFAULT_LCM_LORA, activate_loras
 from ..methods import adaface
@@ -27,20 +27,13 @@ __all__ = ["AdaFacePipeline", "DEFAULT_MODEL", "DEFAULT_NEGATIVE_PROMPT"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "adaface-neurips/adaface-models"
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BASE_MODEL = SD15_REPO
 # Layout of the v2 model repo (the v1 repo keeps the same models/adaface/ folder).
 CHECKPOINT_FOLDER = "models/adaface"
 ENCODER_FOLDER = "models/arc2face/encoder"
 FACE_MODEL_FOLDER = "models/insightface/models/antelopev2"
 BASE_FOLDER = "models/stable-diffusion-v1-5"  # an SD1.5 diffusers folder placed in the release (make-tiny does)
-BASE_REQUIRED_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "text_encoder/config.json",
-    "tokenizer/vocab.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-)
+BASE_REQUIRED_FILES = SD15_PIPELINE_FILES
 # The wrapper's default negative prompt (PuLID-derived).
 DEFAULT_PROMPT = "a photo of z"
 CONSISTENTID_SCALE = 6.0  # the release's ID-CFG scale of the ConsistentID branch (its Arc2Face branch: 1)

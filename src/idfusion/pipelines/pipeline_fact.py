@@ -28,7 +28,7 @@ import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ..errors import ModelFilesError
-from ..hub import resolve_model_folder
+from ..hub import SD15_PIPELINE_FILES, SD15_REPO, resolve_model_folder
 from ..images import ImageInput, load_image
 from ..loras import activate_loras
 from ..methods import fact
@@ -54,17 +54,10 @@ _RELEASE = get_method("fact").downloads[0]
 MODEL_ID = _RELEASE.repo_id
 #: Where to get it, for messages.
 SOURCE = _RELEASE.published
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BASE_MODEL = SD15_REPO
 #: The OpenPose ControlNet the release uses (it ships a copy in ModelScope ``damo/face_chain_control_model``).
 POSE_CONTROLNET = "lllyasviel/control_v11p_sd15_openpose"
-BASE_REQUIRED_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "text_encoder/config.json",
-    "tokenizer/vocab.json",
-    "vae/config.json",
-    "scheduler/scheduler_config.json",
-)
+BASE_REQUIRED_FILES = SD15_PIPELINE_FILES
 CONTROLNET_FOLDERS = ("controlnet", "control_v11p_sd15_openpose")
 #: A public Canny ControlNet for SD1.5; the release uses its own copy (ModelScope ``ly261666/cv_wanx_style_model``
 #: rev v1.0.3, folder ``contronet-canny``), which loads from a folder of that name too.

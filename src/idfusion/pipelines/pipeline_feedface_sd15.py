@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..hub import resolve_model_folder
+from ..hub import SD15_REPO, resolve_model_folder
 from ..methods import feedface
 from ..prompt_encoders import encode_text
 from .core import FaceInput, IdentityInputError, IdentityPipeline, IdentityPipelineOutput, check_one_identity
@@ -27,7 +27,7 @@ __all__ = ["FeedFaceSD15Pipeline", "ADAPTER_FILE", "DEFAULTS"]
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "feedface_sd15.safetensors"
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_BASE_MODEL = SD15_REPO
 #: SD1.5's usual sampling; the adapter multiplier as the U-ViT release's.
 DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 6.0, "feed_scale": 0.8}
 SCHEDULER = "dpm++"
