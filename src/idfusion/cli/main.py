@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",
+    "prepare": "prepare",
     "styles": "styles",
     "template": "template",
     "train": "train",

@@ -1,6 +1,6 @@
 """Training data: the JSON-lines record schema, its reader, an image+caption dataset and a resumable sampler.
 
-One record per line, one image per record (idfusion's format)::
+One record per line, one image per record (idfusion's format; ``docs/training-data.md`` has the full schema)::
 
     {"image": "imgs/0001.png",            # relative to the jsonl's folder, or absolute
      "width": 512, "height": 512,
@@ -8,11 +8,16 @@ One record per line, one image per record (idfusion's format)::
      "identity": "person_0042",           # or null
      "faces": [{"bbox": [x1, y1, x2, y2], "landmarks": [[x, y] x 5], "score": 0.99}],
      "references": ["imgs/0002.png"],     # other images of the same identity
-     "mask": "masks/0001.png",            # or null
+     "mask": "masks/0001.png",            # face mask, or null
+     "head_mask": "masks/h0001.png",      # face, hair and crown, or null
+     "crops": {"arcface": "crops/a0001.png"},                # this image's face crops, by kind
+     "reference_crops": {"arcface": ["crops/a0002.png"]},    # the references' crops, in references' order
+     "embeddings": {"dlib-resnet": "emb/0001.npy"},         # the face's identity embedding, by recognizer
      "attributes": {...}}                 # optional, free-form
 
-``identity``, ``faces``, ``references``, ``mask`` and ``attributes`` are optional; a face's ``landmarks`` and
-``score`` may be omitted. Unknown keys are errors (they are usually typos).
+``identity``, ``faces``, ``references``, ``mask``, ``head_mask``, ``crops``, ``reference_crops``, ``embeddings``
+and ``attributes`` are optional; a face's ``landmarks`` and ``score`` may be omitted. Unknown keys are errors (they
+are usually typos).
 
 Two foreign formats are read as they are, without conversion (paths again relative to the jsonl's folder):
 
@@ -23,6 +28,11 @@ Two foreign formats are read as they are, without conversion (paths again relati
 
 A record is foreign when it has no ``image`` key or has one of ``size``/``ref``/``mask_path``/``square_bbox``. Their
 other keys are kept in ``attributes``; a missing size is read from the image header.
+
+A *combined* record has both ``image`` and ``path``: it is an idfusion record that also carries the keys those two
+trainers read (``path``, ``size``, ``ref``, ``mask_path``, ``square_bbox``, ``bbox``), so one file serves all three
+(``idfusion prepare`` writes these). It is read as idfusion's; ``path`` must name the same file as ``image`` and
+``size`` must be ``[width, height]``; the other foreign keys are checked (paths, boxes) but not stored twice.
 
 The reader fails on the first bad record with ``file:line: field: what was expected``.
 """
@@ -55,7 +65,23 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NUM_LANDMARKS = 5
-_OWN_KEYS = {"image", "width", "height", "caption", "identity", "faces", "references", "mask", "attributes"}
+_OWN_KEYS = {
+    "image",
+    "width",
+    "height",
+    "caption",
+    "identity",
+    "faces",
+    "references",
+    "mask",
+    "head_mask",
+    "crops",
+    "reference_crops",
+    "embeddings",
+    "attributes",
+}
+# the open-FlashFace / FeedFace keys a combined record (one with both "image" and "path") may carry
+_COMPAT_KEYS = {"path", "size", "ref", "mask_path", "square_bbox", "bbox"}
 _FOREIGN_MARKERS = {"size", "ref", "mask_path", "square_bbox"}
 _FOREIGN_KEYS = {"path", "image", "size", "width", "height", "caption", "ref", "mask_path", "square_bbox", "bbox"}
 
@@ -85,6 +111,10 @@ class ImageRecord:
     mask: Path | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line", for messages
+    head_mask: Path | None = None
+    crops: dict[str, Path] = field(default_factory=dict)  # kind -> this image's face crop
+    reference_crops: dict[str, tuple[Path, ...]] = field(default_factory=dict)  # kind -> one crop per reference
+    embeddings: dict[str, Path] = field(default_factory=dict)  # recognizer name -> .npy of the face's embedding
 
 
 class _Line:
@@ -137,6 +167,16 @@ class _Line:
             raise self.error(key, f"expected a list of paths, got {json.dumps(value)}")
         return tuple(self.path(f"{key}[{i}]", item) for i, item in enumerate(value))
 
+    def path_map(self, key: str, value: Any) -> dict[str, Path]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected an object of name -> path, got {json.dumps(value)}")
+        return {str(name): self.path(f"{key}.{name}", item) for name, item in value.items()}
+
+    def paths_map(self, key: str, value: Any) -> dict[str, tuple[Path, ...]]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected an object of name -> list of paths, got {json.dumps(value)}")
+        return {str(name): self.paths(f"{key}.{name}", item) for name, item in value.items()}
+
     def box(self, key: str, value: Any) -> tuple[float, float, float, float]:
         if not _numbers(value, 4):
             raise self.error(key, f"expected [x1, y1, x2, y2], got {json.dumps(value)}")
@@ -188,14 +228,21 @@ def _numbers(value: Any, count: int) -> bool:
 
 def _own_record(line: _Line) -> ImageRecord:
     record = line.record
-    unknown = set(record) - _OWN_KEYS
+    combined = "path" in record
+    known = _OWN_KEYS | _COMPAT_KEYS if combined else _OWN_KEYS
+    unknown = set(record) - known
     if unknown:
-        raise line.error(sorted(unknown)[0], f"unknown field; known: {', '.join(sorted(_OWN_KEYS))}")
+        raise line.error(sorted(unknown)[0], f"unknown field; known: {', '.join(sorted(known))}")
     attributes = line.get("attributes", dict, required=False) or {}
+    image = line.path("image", line.get("image", str))
+    width = line.size("width", line.get("width", int))
+    height = line.size("height", line.get("height", int))
+    if combined:
+        _check_compat(line, image, width, height)
     return ImageRecord(
-        image=line.path("image", line.get("image", str)),
-        width=line.size("width", line.get("width", int)),
-        height=line.size("height", line.get("height", int)),
+        image=image,
+        width=width,
+        height=height,
         caption=line.get("caption", str),
         identity=line.get("identity", str, required=False, nullable=True),
         faces=line.faces(record.get("faces", [])),
@@ -203,14 +250,33 @@ def _own_record(line: _Line) -> ImageRecord:
         mask=None if record.get("mask") is None else line.path("mask", record["mask"]),
         attributes=attributes,
         source=line.where,
+        head_mask=None if record.get("head_mask") is None else line.path("head_mask", record["head_mask"]),
+        crops=line.path_map("crops", record.get("crops", {})),
+        reference_crops=line.paths_map("reference_crops", record.get("reference_crops", {})),
+        embeddings=line.path_map("embeddings", record.get("embeddings", {})),
     )
+
+
+def _check_compat(line: _Line, image: Path, width: int, height: int) -> None:
+    """The foreign keys of a combined record must agree with its own ones (they are copies for other trainers)."""
+    record = line.record
+    path = line.path("path", line.get("path", str))
+    if path.resolve() != image.resolve():
+        raise line.error("path", f"must name the same file as image ({image}), got {path}")
+    if "size" in record and record["size"] != [width, height]:
+        raise line.error("size", f"expected [width, height] = {json.dumps([width, height])}, got {record['size']}")
+    if "ref" in record:
+        line.paths("ref", record["ref"])
+    if record.get("mask_path") is not None:
+        line.path("mask_path", record["mask_path"])
+    for key in ("square_bbox", "bbox"):
+        if key in record:
+            line.box(key, record[key])
 
 
 def _foreign_record(line: _Line) -> ImageRecord:
     record = line.record
-    if "path" in record and "image" in record:
-        raise line.error("path", "give 'path' or 'image', not both")
-    key = "path" if "path" in record else "image"
+    key = "path" if "path" in record else "image"  # both at once is a combined record, read as idfusion's
     image = line.path(key, line.get(key, str))
     if "size" in record:  # open FlashFace: [width, height]
         size = record["size"]
@@ -280,7 +346,8 @@ def read_jsonl(path: str | Path, *, check_files: bool = True) -> list[ImageRecor
             if not isinstance(record, dict):
                 raise DataError(f"{file}:{number}: expected a JSON object, got {type(record).__name__}")
             line = _Line(file, number, record, check_files)
-            foreign = "image" not in record or bool(_FOREIGN_MARKERS & set(record))
+            combined = "image" in record and "path" in record
+            foreign = not combined and ("image" not in record or bool(_FOREIGN_MARKERS & set(record)))
             records.append(_foreign_record(line) if foreign else _own_record(line))
     if not records:
         raise DataError(f"{file}: no records")

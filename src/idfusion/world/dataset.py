@@ -10,7 +10,9 @@ Layout under ``out_dir``::
 Each record: ``{"image", "width", "height", "caption", "identity", "faces": [{"bbox", "landmarks", "score"}],
 "references", "mask", "attributes"}``; paths are relative to the folder of ``metadata.jsonl``. ``references`` lists
 the identity's other images. A scene's ``identity`` is its identities' names joined by ``"+"`` (left to right,
-the order of ``faces``) and its ``references`` is empty.
+the order of ``faces``) and its ``references`` is empty. This is idfusion's training-set schema, the one
+``idfusion prepare`` writes for real photos (``docs/training-data.md``); ``idfusion.training.prepare.check_dataset``
+checks a written set against it.
 """
 
 from __future__ import annotations
