@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from idfusion.eval.metrics import angle, copy_geo, cosine, diversity, match_faces, paste_scores
+from idfusion.eval.metrics import (
+    angle,
+    attribute_fidelity,
+    clip_score,
+    copy_geo,
+    cosine,
+    diversity,
+    match_faces,
+    paste_scores,
+)
 
 
 def _unit(degrees: float) -> np.ndarray:
@@ -66,3 +75,21 @@ def test_diversity_is_the_mean_pairwise_cosine_distance():
     assert diversity(np.stack([_unit(7)] * 3)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="two"):
         diversity(_unit(0))
+
+
+def test_attribute_fidelity_counts_the_wanted_attributes_shown():
+    wanted = {"background": "red", "hat": "none", "glasses": "sunglasses", "people": 1}
+    seen = {"background": "red", "hat": "blue", "glasses": "sunglasses", "people": 1, "clothing": "green"}
+    assert attribute_fidelity(wanted, seen) == pytest.approx(3 / 4)  # clothing was not asked for
+    assert attribute_fidelity(wanted, {"background": "red"}) == pytest.approx(1 / 4)  # no face: person fields wrong
+    with pytest.raises(ValueError, match="at least one"):
+        attribute_fidelity({}, seen)
+
+
+def test_clip_score_is_100_times_the_clipped_cosine_per_row():
+    images = np.stack([_unit(0), _unit(0), 3 * _unit(10)])
+    texts = np.stack([_unit(60), _unit(120), _unit(10)])
+    # cos 60 = 0.5; cos 120 < 0 clips to 0; lengths do not matter
+    np.testing.assert_allclose(clip_score(images, texts), [50.0, 0.0, 100.0], atol=1e-9)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images, texts[:2])

@@ -30,6 +30,10 @@ hashes), options and seed. The key is stored in the image's metadata (``batch_ke
 whose key an image in the output folder already has. Items are split round-robin over shards: ``--shard I/N``, or
 the processes of ``accelerate launch`` (each on its own device). Every image is written atomically under a name
 reserved atomically, so shards never overwrite each other and no item is written twice.
+
+Each image also records what it cost: ``generation_seconds`` (wall time of its pipeline call, per image, without the
+model load), ``load_seconds`` (on the image whose call loaded the pipeline) and ``peak_memory_mb`` with
+``peak_memory_kind`` (see :func:`measure`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +59,8 @@ __all__ = [
     "JobLine",
     "done_keys",
     "expand_items",
+    "measure",
+    "parse_job",
     "read_job_file",
     "run_batch",
     "shard_of",
@@ -233,6 +242,26 @@ def _parse_job(entry: Mapping[str, Any], folder: Path, defaults: Mapping[str, An
     return JobLine(line=0, job=job, seeds=[int(s) for s in seeds], stem=stem)
 
 
+def parse_job(entry: Mapping[str, Any], folder: str | os.PathLike = ".", **defaults: Any) -> JobLine:
+    """One job entry (an object as on a job file's line) parsed and checked as :func:`read_job_file` checks each line.
+
+    Args:
+        entry: the job (``method``, ``faces``, ``seeds``, options by name...).
+        folder: relative photo paths not found from the current folder are tried against this one.
+        defaults: as for :func:`read_job_file`.
+
+    Returns:
+        A :class:`JobLine` with ``line = 0``.
+
+    Raises:
+        ValueError: the entry is refused (an :class:`~idfusion.errors.IdfusionError` for a job the method cannot
+            run); the message names the key and what was expected.
+    """
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"expected a job object, got {type(entry).__name__}")
+    return _parse_job(entry, Path(folder), defaults)
+
+
 def read_job_file(path: str | os.PathLike, **defaults: Any) -> list[JobLine]:
     """Every job of ``path``, each parsed and checked, or with the reason it was refused (``error``).
 
@@ -354,6 +383,42 @@ def done_keys(out_dir: str | os.PathLike) -> set[str]:
 # ---- running -------------------------------------------------------------------------------------------------
 
 
+def _peak_memory(device: str | None, reset: bool) -> tuple[float | None, str]:
+    """``(MB, kind)``: CUDA's peak allocated memory on a CUDA device, else the process's peak resident set size."""
+    torch = sys.modules.get("torch")  # a CUDA device means torch is already loaded; never import it here
+    if device and device.startswith("cuda") and torch is not None and torch.cuda.is_available():
+        index = torch.device(device).index
+        if reset:
+            torch.cuda.reset_peak_memory_stats(index)
+            return None, "cuda-allocated"
+        return torch.cuda.max_memory_allocated(index) / 2**20, "cuda-allocated"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process-peak-rss"  # bytes on macOS, KiB on Linux
+
+
+@contextmanager
+def measure(device: str | None = None) -> Iterator[dict[str, Any]]:
+    """Wall time and peak memory of the ``with`` block, in the yielded dict once it ends: ``seconds``,
+    ``peak_memory_mb`` and ``peak_memory_kind``.
+
+    On a CUDA device the peak is ``torch.cuda.max_memory_allocated`` since the block began (weights included: what
+    the GPU must hold). Elsewhere it is the process's peak resident set size so far (``"process-peak-rss"``), an
+    upper bound that never goes down, since the CPU allocator keeps no per-block peak.
+    """
+    used: dict[str, Any] = {}
+    _peak_memory(device, reset=True)
+    start = time.perf_counter()
+    try:
+        yield used
+    finally:
+        used["seconds"] = time.perf_counter() - start
+        used["peak_memory_mb"], used["peak_memory_kind"] = _peak_memory(device, reset=False)
+
+
 def _mine(items: Sequence[BatchItem], index: int, count: int) -> Iterator[BatchItem]:
     return (item for position, item in enumerate(items) if position % count == index)
 
@@ -365,15 +430,18 @@ def run_batch(
     *,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    loader: Callable[..., Any] | None = None,
 ) -> BatchReport:
     """Make every item of ``lines`` that this shard owns and the output folder does not hold yet.
 
-    A job that fails (no face in a photo, ...) is reported with its line and the others still run.
+    A job that fails (no face in a photo, ...) is reported with its line and the others still run. ``loader``
+    replaces :func:`~idfusion.jobs.load_configured` (same arguments), e.g. to configure the pipelines' face models.
     """
     from tqdm.auto import tqdm
 
+    from . import jobs
     from .atomic import check_output_folder
-    from .jobs import LoadSettings, PipelineCache, run_job, save_results
+    from .jobs import LoadSettings, PipelineCache, save_results
 
     report = BatchReport(errors=[f"line {line.line}: {line.error}" for line in lines if line.error is not None])
     items = expand_items(lines)
@@ -384,7 +452,17 @@ def run_batch(
     done = done_keys(out_dir)
     todo = [item for item in mine if item.key not in done]
     report.skipped = len(mine) - len(todo)
-    cache = PipelineCache(max_items=1)
+    load = loader or jobs.load_configured
+    load_time = [0.0]
+
+    def timed_load(*args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return load(*args)
+        finally:
+            load_time[0] += time.perf_counter() - start
+
+    cache = PipelineCache(max_items=1, loader=timed_load)
     settings = settings or LoadSettings()
     failed_lines: set[int] = set()
     bar = tqdm(todo, desc=f"batch {index + 1}/{count}" if count > 1 else "batch", unit="image", disable=not progress)
@@ -392,9 +470,19 @@ def run_batch(
         if item.line in failed_lines:
             continue
         try:
-            result = run_job(item.job, settings, cache=cache)
+            loaded_before = load_time[0]
+            with measure(settings.device) as used:
+                result = jobs.run_job(item.job, settings, cache=cache)
+            loading = load_time[0] - loaded_before
+            per_image = max(used["seconds"] - loading, 0.0) / max(len(result.images), 1)
             for meta in result.metadata:
                 meta["batch_key"] = item.key
+                meta["generation_seconds"] = round(per_image, 4)
+                if loading:
+                    meta["load_seconds"] = round(loading, 3)
+                if used["peak_memory_mb"] is not None:
+                    meta["peak_memory_mb"] = round(used["peak_memory_mb"], 1)
+                    meta["peak_memory_kind"] = used["peak_memory_kind"]
             report.written += save_results(result, out_dir, item.stem, sheet=False)
         except (IdfusionError, ValueError, OSError) as error:
             report.errors.append(f"line {item.line}: {error}")

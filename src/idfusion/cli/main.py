@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "convert": "convert",
     "demo": "demo",
     "download": "download",
+    "eval": "eval",
     "faces": "faces",
     "generate": "generate",
     "make-tiny": "make_tiny",

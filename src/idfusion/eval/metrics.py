@@ -9,11 +9,14 @@ The two copy-paste protocols (``../shared/specs/peers-and-benchmarks.md``):
   the generated face sits on the reference, -1 when it sits on the ground truth, 0 half-way (the triangle's
   geometry normalised by the reference-to-GT angle). Faces of multi-person images are paired by the Hungarian
   algorithm on similarity before scoring (:func:`match_faces`).
+
+Prompt fidelity: :func:`attribute_fidelity` (the synthetic world's attribute checkers against the prompt's parsed
+attributes) and :func:`clip_score` (CLIP-T from CLIP image and text embeddings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +24,8 @@ import numpy as np
 __all__ = [
     "PasteScores",
     "angle",
+    "attribute_fidelity",
+    "clip_score",
     "copy_geo",
     "cosine",
     "diversity",
@@ -103,3 +108,29 @@ def diversity(embeddings: np.ndarray) -> float:
     sims = rows @ rows.T
     upper = sims[np.triu_indices(len(rows), k=1)]
     return float(np.mean(1.0 - upper))
+
+
+def attribute_fidelity(wanted: Mapping[str, object], seen: Mapping[str, object]) -> float:
+    """The fraction of the attributes a prompt asks for (``wanted``, field -> value) that an image shows (``seen``,
+    the checker's reading; a missing or ``None`` field counts as not shown).
+
+    Raises:
+        ValueError: ``wanted`` is empty (nothing to check).
+    """
+    if not wanted:
+        raise ValueError("attribute_fidelity needs at least one wanted attribute")
+    return sum(seen.get(name) == value for name, value in wanted.items()) / len(wanted)
+
+
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+    """CLIP-T of each image against its own prompt: ``100 * max(cos(image, text), 0)`` row by row (torchmetrics'
+    ``CLIPScore`` convention; PuLID and PhotoMaker report the same scale).
+
+    Args:
+        image_embeddings: ``(N, D)`` CLIP image embeddings.
+        text_embeddings: ``(N, D)`` CLIP text embeddings of each image's prompt.
+    """
+    images, texts = _rows(image_embeddings), _rows(text_embeddings)
+    if images.shape != texts.shape:
+        raise ValueError(f"expected one prompt per image, got {images.shape} and {texts.shape}")
+    return 100.0 * np.clip((images * texts).sum(axis=1), 0.0, None)
