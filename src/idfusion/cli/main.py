@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "make-tiny": "make_tiny",
     "prepare": "prepare",
+    "serve": "serve",
     "styles": "styles",
     "template": "template",
     "train": "train",
