@@ -44,7 +44,13 @@ from idfusion.serialization import (
     module_state_dict,
     stub_qualified_name,
 )
-from idfusion.testing.tiny_adaface import V1_RELATIVE_PATH, V2_RELATIVE_PATH, write_tiny_adaface_v1
+from idfusion.testing.tiny_adaface import (
+    TINY_OBJ_PROJ_IN_DIM,
+    V1_RELATIVE_PATH,
+    V2_RELATIVE_PATH,
+    write_tiny_adaface_v1,
+)
+from idfusion.testing.tiny_clip_tokenizer import tiny_clip_vocab_size
 
 PFX = "prompt2token_proj.text_model."
 EOS = 49407
@@ -336,7 +342,7 @@ def test_tiny_v2_checkpoint_has_the_official_layout(tiny_v2):
         expected = expected_projector_shapes(TINY_D, VOCAB, 77, TINY_FFN, multipliers)
         # position_ids is pickled but non-persistent (transformers >= 4.31), so not in the state dict
         expected |= {
-            "obj_proj_in.0.weight": (77 * TINY_D, 4),
+            "obj_proj_in.0.weight": (77 * TINY_D, TINY_OBJ_PROJ_IN_DIM),
             "obj_proj_in.2.weight": (TINY_D,),
             "obj_proj_in.2.bias": (TINY_D,),
             **extra,
@@ -350,7 +356,10 @@ def test_tiny_v2_checkpoint_has_the_official_layout(tiny_v2):
             stub_qualified_name(pattern) == "regex._regex.compile"
             and "startoftext" in vars(pattern)["_stub_args"][0][0]
         )
-        assert len(vars(tokenizer)["encoder"]) == VOCAB and vars(vars(tokenizer)["_eos_token"])["special"] is True
+        # the kit's vocabulary, as its tokenizer/ folder (the table keeps CLIP's 49,408 rows: see tiny_adaface)
+        encoder = vars(tokenizer)["encoder"]
+        assert len(encoder) == tiny_clip_vocab_size() and vars(vars(tokenizer)["_eos_token"])["special"] is True
+        assert vars(tokenizer)["_added_tokens_encoder"]["<|endoftext|>"] == encoder["<|endoftext|>"]
         text = vars(vars(generator)["_modules"]["prompt2token_proj"])["_modules"]["text_model"]
         embeddings = vars(vars(text)["_modules"]["embeddings"])
         assert embeddings["_buffers"]["position_ids"].shape == (1, 77)

@@ -12,7 +12,13 @@ from diffusers import UNet2DConditionModel
 from idfusion.methods import fact
 from idfusion.testing.components import sd15_unet_config, tiny_controlnet, tiny_unet
 from idfusion.testing.make_tiny import tiny_writers
-from idfusion.testing.tiny_fact import tiny_fact_adapter_state_dict, tiny_fact_unet_config
+from idfusion.testing.tiny_fact import (
+    TINY_TRANSFACE_CONFIG,
+    tiny_fact_adapter_state_dict,
+    tiny_fact_unet_config,
+)
+
+FACE_WIDTH = TINY_TRANSFACE_CONFIG["embed_dim"]  # the tiny TransFace's token width (512 in the release)
 
 # The 16 cross-attention sites of SD1.5 and their widths (spec §2.4).
 SD15_SITES = {
@@ -219,7 +225,7 @@ def test_block_with_adapter_matches_reference_order(tiny_adapted_unet):
     site = "mid_block.attentions.0.transformer_blocks.0"
     block = unet.get_submodule(site)
     torch.manual_seed(1)
-    x = torch.randn(1, 6, 128)
+    x = torch.randn(1, 6, block.attn1.to_q.in_features)
     context = torch.randn(1, 77 + 16, 32)
     with torch.no_grad():
         got = block(x, encoder_hidden_states=context)
@@ -261,7 +267,7 @@ def test_resampler_matches_reference(tiny_adapted_unet):
     _, _, resampler, _, state, _ = tiny_adapted_unet
     s = {k[len("local_fac_prj.") :]: v for k, v in state.items() if k.startswith("local_fac_prj.")}
     torch.manual_seed(2)
-    tokens = torch.randn(3, 144, 32)
+    tokens = torch.randn(3, 144, FACE_WIDTH)
     with torch.no_grad():
         got = resampler(tokens)
         assert got.shape == (3, 16, 32)
@@ -272,7 +278,8 @@ def test_resampler_matches_reference(tiny_adapted_unet):
         torch.testing.assert_close(flat[0, 16:32], got[1], rtol=0, atol=0)
         # the null face is the resampler applied to zero TransFace tokens
         torch.testing.assert_close(
-            resampler.unconditional(2), reference_resampler(s, torch.zeros(2, 144, 32), 12).reshape(1, 32, 32)
+            resampler.unconditional(2),
+            reference_resampler(s, torch.zeros(2, 144, FACE_WIDTH), 12).reshape(1, 32, 32),
         )
 
 
@@ -297,7 +304,8 @@ def test_transface_global_head_matches_reference():
             b = f"blocks.{i}."
             h = layer_norm(x, s[b + "norm1.weight"], s[b + "norm1.bias"])
             q, k, v = linear(h, s[b + "attn.qkv.weight"]).chunk(3, dim=-1)
-            x = x + linear(einsum_attention(q, k, v, 8), s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
+            heads = TINY_TRANSFACE_CONFIG["num_heads"]
+            x = x + linear(einsum_attention(q, k, v, heads), s[b + "attn.proj.weight"], s[b + "attn.proj.bias"])
             h = layer_norm(x, s[b + "norm2.weight"], s[b + "norm2.bias"])
             h = linear(h, s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"])
             hidden_max = max(hidden_max, float(h.max()))
@@ -328,7 +336,7 @@ def test_scale_zero_is_base_model_and_detach_restores_it(tiny_adapted_unet):
     torch.manual_seed(4)
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     with torch.no_grad():
-        face = resampler(torch.randn(1, 144, 32)).expand(2, -1, -1)
+        face = resampler(torch.randn(1, 144, FACE_WIDTH)).expand(2, -1, -1)
         context = torch.cat([text, face], dim=1)
         want = base(sample, 7, text).sample
         fact.set_face_adapter_scale(unet, 0.0)
@@ -435,15 +443,16 @@ def test_planted_values_land_in_the_right_parameters():
     site = "down_blocks.2.attentions.1.transformer_blocks.0"
     prefix = f"{site}.attn2.processor."
     state[prefix + "alpha_dense"] = torch.tensor(0.625)
-    state[prefix + "ff.net.2.bias"] = torch.arange(128.0)
-    state[prefix + "ln.weight"] = torch.full((128,), 1.5)
+    width = unet.get_submodule(site).norm2.weight.numel()  # the site's width
+    state[prefix + "ff.net.2.bias"] = torch.arange(float(width))
+    state[prefix + "ln.weight"] = torch.full((width,), 1.5)
     state["local_fac_prj.layers.1.1.3.weight"] = torch.full((48, 192), 0.25)
     norm2 = unet.get_submodule(site).norm2.weight.clone()
     resampler, processors, _, handle = _load(state, unet)
     processor = processors[site].site
     assert processor.alpha_dense.item() == 0.625
-    assert torch.equal(processor.ff.net[2].bias, torch.arange(128.0))
-    assert torch.equal(processor.ln.weight, torch.full((128,), 1.5))
+    assert torch.equal(processor.ff.net[2].bias, torch.arange(float(width)))
+    assert torch.equal(processor.ln.weight, torch.full((width,), 1.5))
     assert torch.equal(resampler.layers[1][1][3].weight, torch.full((48, 192), 0.25))
     # other sites are untouched by the planting
     other = processors["down_blocks.2.attentions.0.transformer_blocks.0"].site
@@ -486,11 +495,11 @@ def test_transface_loads_strictly(tmp_path):
     from idfusion.testing.tiny_fact import tiny_transface
 
     state = tiny_transface(seed=12).state_dict()
-    state["blocks.1.mlp.fc2.bias"] = torch.linspace(-1, 1, 32)
+    state["blocks.1.mlp.fc2.bias"] = torch.linspace(-1, 1, FACE_WIDTH)
     torch.save(state, tmp_path / fact.TRANSFACE_FILE)
     model = fact.load_transface(tmp_path / fact.TRANSFACE_FILE)
     assert not model.training
-    assert torch.equal(model.blocks[1].mlp.fc2.bias, torch.linspace(-1, 1, 32))
+    assert torch.equal(model.blocks[1].mlp.fc2.bias, torch.linspace(-1, 1, FACE_WIDTH))
     torch.save(state | {"head.weight": torch.zeros(2)}, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="head.weight"):
         fact.load_transface(tmp_path / "extra.pt")

@@ -244,7 +244,7 @@ def test_load_tiny_files(base_dir: Path) -> None:
 
     vae = ckpt.load_autoencoder(base_dir / ckpt.AUTOENCODER_FILE, dtype=torch.float64)
     assert vae.dtype == torch.float64 and vae.config.scaling_factor == 0.18215
-    assert list(vae.config.block_out_channels) == [32, 64, 128, 128]
+    assert list(vae.config.block_out_channels) == tiny.tiny_vae_config()["block_out_channels"]
     with torch.no_grad():
         assert vae.decode(torch.randn(1, 4, 8, 8, dtype=torch.float64)).sample.shape == (1, 3, 64, 64)
 
@@ -287,7 +287,7 @@ def test_uvit_conversion_names_bad_keys(base_dir: Path) -> None:
         ckpt.convert_uvit_state_dict(missing, config)
 
     extra = dict(official) | {
-        "in_blocks.0.attn.qkv.bias": torch.zeros(3 * 128),
+        "in_blocks.0.attn.qkv.bias": torch.zeros(3 * tiny.TINY_UVIT_WIDTH),
         "time_img_embed.0.weight": torch.zeros(1),
     }
     with pytest.raises(
@@ -295,8 +295,9 @@ def test_uvit_conversion_names_bad_keys(base_dir: Path) -> None:
     ):
         ckpt.convert_uvit_state_dict(extra, config)
 
-    wrong = dict(official) | {"text_out.weight": torch.zeros(8, 128)}
-    with pytest.raises(ValueError, match=r"shape mismatches .*text_out\.weight \(8, 128\) != \(16, 128\)"):
+    width = tiny.TINY_UVIT_WIDTH
+    wrong = dict(official) | {"text_out.weight": torch.zeros(8, width)}
+    with pytest.raises(ValueError, match=rf"shape mismatches .*text_out\.weight \(8, {width}\) != \(16, {width}\)"):
         ckpt.convert_uvit_state_dict(wrong, config)
 
     from diffusers import UniDiffuserModel
@@ -308,7 +309,7 @@ def test_uvit_conversion_names_bad_keys(base_dir: Path) -> None:
     with pytest.raises(ValueError, match="width 96 is not a multiple of 64; pass num_attention_heads"):
         ckpt.infer_uvit_config(narrow_official)
     assert ckpt.infer_uvit_config(narrow_official, num_attention_heads=2) == narrow_config
-    assert ckpt.infer_uvit_config(official, num_attention_heads=4)["attention_head_dim"] == 32
+    assert ckpt.infer_uvit_config(official, num_attention_heads=4)["attention_head_dim"] == width // 4
 
     with pytest.raises(ValueError, match="keys without an official name: bogus"):
         ckpt.uvit_to_official_state_dict({"bogus": torch.zeros(1)})
@@ -451,14 +452,17 @@ def test_uvit_forward_matches_the_official_forward(base_dir: Path) -> None:
     t_img, t_text = torch.tensor([981, 37]), torch.tensor([0, 1000])
     data_type = torch.tensor([1, 0])
     with torch.no_grad():
-        expected = official_uvit_forward(official, img, clip_img, text, t_img, t_text, data_type, num_heads=2)
+        heads = config.num_attention_heads
+        expected = official_uvit_forward(official, img, clip_img, text, t_img, t_text, data_type, num_heads=heads)
         got = model(img, clip_img, text, timestep_img=t_img, timestep_text=t_text, data_type=data_type)
     for name, a, b in zip(("img", "clip_img", "text"), got, expected, strict=True):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     # the comparison can fail: heads and the data-type token both change the output
     with torch.no_grad():
-        one_head = official_uvit_forward(official, img, clip_img, text, t_img, t_text, data_type, num_heads=1)
+        other_heads = official_uvit_forward(
+            official, img, clip_img, text, t_img, t_text, data_type, num_heads=2 * heads
+        )
         other_type = model(img, clip_img, text, timestep_img=t_img, timestep_text=t_text, data_type=1 - data_type)
-    assert (one_head[0] - expected[0]).abs().max() > 1e-3
+    assert (other_heads[0] - expected[0]).abs().max() > 1e-3
     assert (other_type[0] - got[0]).abs().max() > 1e-3

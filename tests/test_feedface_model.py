@@ -366,10 +366,14 @@ def test_missing_face_tokens_is_a_clear_error(uvit):
 # SD1.5 variant
 
 
+# the kit's default UNet widths start at 4; 8 heads need widths they divide
+EIGHT_HEAD_WIDTHS = {"block_out_channels": [8, 16, 32, 32], "norm_num_groups": 8}
+
+
 @pytest.fixture(scope="module")
 def sd15_unet():
     # SD1.5 depth (2 layers per level) and 8 heads at toy widths: the 16 sites of the real model
-    return tiny_unet(seed=0, layers_per_block=2, attention_head_dim=8).eval()
+    return tiny_unet(seed=0, layers_per_block=2, attention_head_dim=8, **EIGHT_HEAD_WIDTHS).eval()
 
 
 def unet_inputs(batch: int = 2) -> dict:
@@ -404,7 +408,8 @@ def test_sd15_sites_and_fresh_adapter_is_the_base_model(sd15_unet, faces):
     base = unet_out(sd15_unet)
     keys = set(sd15_unet.state_dict())
     adapter = sd15_adapter(sd15_unet, 0, trained=False)
-    assert adapter.site_widths == [32, 32, 64, 64, 128, 128, 128] + [128] * 3 + [64] * 3 + [32] * 3
+    a, b, c, _ = sd15_unet.config.block_out_channels
+    assert adapter.site_widths == [a, a, b, b, c, c, c] + [c] * 3 + [b] * 3 + [a] * 3
     assert adapter.blocks[0].blocks[0].attn2.heads == ff.SD15_FEED_HEADS
     with torch.no_grad():
         adapter.set_face_tokens(adapter.encode_faces(faces))
@@ -462,7 +467,7 @@ def test_sd15_trained_adapter_changes_output_and_round_trips(sd15_unet, faces, t
 
 
 def test_sd15_attach_checks_widths(sd15_unet):
-    other = tiny_unet(seed=0, layers_per_block=1, attention_head_dim=8)
+    other = tiny_unet(seed=0, layers_per_block=1, attention_head_dim=8, **EIGHT_HEAD_WIDTHS)
     adapter = sd15_adapter(sd15_unet, 2, trained=False)
     with pytest.raises(ValueError, match="site widths"):
         adapter.attach(other)

@@ -14,9 +14,9 @@ from idfusion.methods import flashface as ff
 def _pipeline(release):
     from diffusers import DDIMScheduler
 
-    from idfusion.clip_tokenizer import load_clip_tokenizer
     from idfusion.pipelines.pipeline_flashface import FlashFacePipeline
     from idfusion.testing.components import tiny_text_encoder, tiny_unet_config, tiny_vae
+    from idfusion.testing.tiny_clip_tokenizer import tiny_clip_tokenizer
 
     torch.manual_seed(0)
     unet, refnet, reference = ff.build_flashface_models(tiny_unet_config(layers_per_block=2), release)
@@ -28,7 +28,7 @@ def _pipeline(release):
                 p.add_(torch.randn_like(p) * 0.2)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, **release.scheduler_config)  # fmt: skip
-    pipe = FlashFacePipeline(tiny_vae(), tiny_text_encoder(), load_clip_tokenizer(), unet.eval(), refnet.eval(),
+    pipe = FlashFacePipeline(tiny_vae(), tiny_text_encoder(), tiny_clip_tokenizer(), unet.eval(), refnet.eval(),
                              scheduler, reference, release=release.name)  # fmt: skip
     pipe.set_face_analyzer(FaceAnalyzer("hog", None, crops=()))
     pipe.set_progress_bar_config(disable=True)

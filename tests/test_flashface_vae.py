@@ -66,7 +66,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_processor_is_the_no_transpose_layout(hw, dtype):
     vae = perturbed_vae(dtype=dtype)
     attn = vae.decoder.mid_block.attentions[0]
-    x = torch.randn(2, 32, *hw, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    width = vae.config.block_out_channels[-1]
+    x = torch.randn(2, width, *hw, generator=torch.Generator().manual_seed(1), dtype=dtype)
     with torch.no_grad():
         default = attn(x)
         attn.set_processor(FlashFaceVAEAttnProcessor())

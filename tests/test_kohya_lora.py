@@ -47,20 +47,22 @@ def _one_thread():
 @functools.cache
 def _base() -> dict:
     """The shared, never modified parts; each :class:`Tiny` gets its own copies of the UNet and text encoder."""
-    from idfusion.clip_tokenizer import load_clip_tokenizer
+    from idfusion.testing.tiny_clip_tokenizer import tiny_clip_tokenizer
+    from idfusion.testing.tiny_fact import TINY_TRANSFACE_CONFIG
 
     unet = components.tiny_unet(seed=1, **tiny_fact_unet_config())
     adapter = load_fact_adapter(tiny_fact_adapter_state_dict(unet, seed=3), unet)
     generator = torch.Generator().manual_seed(7)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        face = adapter.resampler.identity_tokens(torch.randn(1, 144, 32, generator=generator))  # (1, 16, 32)
+        tokens = torch.randn(1, 144, TINY_TRANSFACE_CONFIG["embed_dim"], generator=generator)
+        face = adapter.resampler.identity_tokens(tokens)  # (1, 16, 32)
     return {
         "unet": unet,
         "adapter": adapter,
         "text_encoder": components.tiny_text_encoder(seed=2),
         "vae": components.tiny_vae(),
-        "tokenizer": load_clip_tokenizer(),
+        "tokenizer": tiny_clip_tokenizer(),  # the tiny text encoder's vocabulary
         "latents": latents,
         "face": face,
     }

@@ -1,9 +1,9 @@
 """Offline test kit: tiny, structurally faithful models and checkpoints in the layouts of official releases.
 
 No model hub is reachable in tests or CI, so everything here is built locally: the real CLIP tokenizer from the BPE
-file of the ``openai-clip`` package (:mod:`idfusion.clip_tokenizer`), tiny seeded SD1.5 components and the
-full-size SD1.5 configs (:mod:`idfusion.testing.components`), and writers of whole checkpoint folders
-(:mod:`idfusion.testing.make_tiny`).
+file of the ``openai-clip`` package (:mod:`idfusion.clip_tokenizer`) and the kit's reduced-vocabulary version of it
+(:mod:`idfusion.testing.tiny_clip_tokenizer`), tiny seeded SD1.5 components and the full-size SD1.5 configs
+(:mod:`idfusion.testing.components`), and writers of whole checkpoint folders (:mod:`idfusion.testing.make_tiny`).
 
 Importing this package does no work and does not import torch; names load on first use.
 """
@@ -23,6 +23,9 @@ _LAZY = {
     "save_clip_tokenizer": "idfusion.clip_tokenizer",
     "clip_bpe_path": "idfusion.clip_tokenizer",
     "build_clip_vocab": "idfusion.clip_tokenizer",
+    "save_tiny_clip_tokenizer": "idfusion.testing.tiny_clip_tokenizer",
+    "tiny_clip_tokenizer": "idfusion.testing.tiny_clip_tokenizer",
+    "tiny_clip_vocab_size": "idfusion.testing.tiny_clip_tokenizer",
     **{
         name: "idfusion.testing.components"
         for name in (

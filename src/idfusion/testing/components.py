@@ -7,9 +7,15 @@ parameter counts without allocating memory.
 
 The tiny models keep SD1.5's topology where later code depends on it: four UNet resolution levels
 (3 x ``CrossAttnDownBlock2D`` + ``DownBlock2D``, ``UpBlock2D`` + 3 x ``CrossAttnUpBlock2D``), an 8x VAE with 4 latent
-channels and SD's scaling factor, and a CLIP text encoder with the real 49,408-token vocabulary, 77 positions and
-SD1.5's (old) special-token ids, whose hidden size equals the UNet's cross-attention dim. A 2-step 64x64 generation
-with them takes a fraction of a second on CPU.
+channels and SD's scaling factor, and a CLIP text encoder with 77 positions and SD1.5's (old) special-token ids,
+whose hidden size equals the UNet's cross-attention dim. A 2-step 64x64 generation with them takes a fraction of a
+second on CPU.
+
+The kit's sizes are smaller than :mod:`idfusion.sd15`'s ``tiny_*_config`` (which the benchmarks and the training
+recipes' tiny mode build in memory, with the real tokenizer): UNet and VAE widths ``(4, 8, 16, 16)`` (SD1.5's
+1:2:4:4, so the same resnets have shortcuts) and the text encoder's vocabulary is the kit's reduced CLIP vocabulary
+(:mod:`idfusion.testing.tiny_clip_tokenizer`; pair it with that tokenizer), so the ``sd15`` kit is about 1 MB.
+Models with 8 heads (FACT's and FeedFace's SD1.5 sites) need widths 8 divides: pass ``(8, 16, 32, 32)``.
 
 Builders are seeded inside :func:`torch.random.fork_rng`, so they are deterministic and leave the global RNG alone.
 """
@@ -35,10 +41,10 @@ from ..sd15 import (
     sd15_text_encoder_config,
     sd15_unet_config,
     sd15_vae_config,
-    tiny_text_encoder_config,
-    tiny_unet_config,
-    tiny_vae_config,
 )
+from ..sd15 import tiny_text_encoder_config as _sd15_tiny_text_encoder_config
+from ..sd15 import tiny_unet_config as _sd15_tiny_unet_config
+from ..sd15 import tiny_vae_config as _sd15_tiny_vae_config
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIP_IMAGE_MEAN",
     "CLIP_IMAGE_STD",
+    "TINY_NORM_GROUPS",
+    "TINY_UNET_WIDTHS",
     "build_safety_checker",
     "build_text_encoder",
     "build_unet",
@@ -105,6 +113,31 @@ def _build_seeded(build: Callable[[dict[str, Any]], M], config: dict[str, Any], 
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: The kit's UNet and VAE widths: SD1.5's 1:2:4:4 from 4 channels (GroupNorm with 4 groups; the UNet's 2 heads).
+TINY_UNET_WIDTHS = [4, 8, 16, 16]
+TINY_NORM_GROUPS = 4
+
+
+def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
+    """:func:`idfusion.sd15.tiny_unet_config` at the kit's widths (:data:`TINY_UNET_WIDTHS`); ``sample_size`` 8."""
+    kit = {"block_out_channels": list(TINY_UNET_WIDTHS), "norm_num_groups": TINY_NORM_GROUPS}
+    return _sd15_tiny_unet_config(**(kit | overrides))
+
+
+def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
+    """:func:`idfusion.sd15.tiny_vae_config` (SD1.5's VAE topology) at the kit's widths."""
+    kit = {"block_out_channels": list(TINY_UNET_WIDTHS), "norm_num_groups": TINY_NORM_GROUPS}
+    return _sd15_tiny_vae_config(**(kit | overrides))
+
+
+def tiny_text_encoder_config(**overrides: Any) -> dict[str, Any]:
+    """:func:`idfusion.sd15.tiny_text_encoder_config` (width 32) with the kit's reduced vocabulary
+    (:func:`~idfusion.testing.tiny_clip_tokenizer.tiny_clip_vocab_size` tokens)."""
+    from .tiny_clip_tokenizer import tiny_clip_vocab_size
+
+    return _sd15_tiny_text_encoder_config(**({"vocab_size": tiny_clip_vocab_size()} | overrides))
+
+
 def sd15_safety_checker_config(**overrides: Any) -> dict[str, Any]:
     """The ``safety_checker/config.json`` architecture of the SD1.5 release: a CLIP ViT-L/14 (``CLIPConfig``)."""
     return _merged(
@@ -147,7 +180,7 @@ def tiny_safety_checker_config(**overrides: Any) -> dict[str, Any]:
                 "intermediate_size": 64,
                 "num_attention_heads": 4,
                 "num_hidden_layers": 2,
-                "patch_size": 32,
+                "patch_size": 14,  # ViT-L/14's; a 32-pixel patch embedding alone would be 0.4 MB
             },
         },
         overrides,

@@ -19,7 +19,7 @@ Methods and the layouts they write (paths relative to the output folder):
         scheduler/scheduler_config.json
         text_encoder/config.json
         text_encoder/model.safetensors
-        tokenizer/merges.txt                      (the real CLIP tokenizer, see clip_tokenizer.py)
+        tokenizer/merges.txt                      (CLIP's BPE, reduced vocabulary: see tiny_clip_tokenizer.py)
         tokenizer/special_tokens_map.json
         tokenizer/tokenizer_config.json
         tokenizer/vocab.json
@@ -73,7 +73,7 @@ Methods and the layouts they write (paths relative to the output folder):
         flashface.ckpt                            (torch.save'd OrderedDict: all 2,142 official key names)
         openai-clip-vit-large-14.pth              (CLIP visual.* + textual.* + log_scale)
         sd-v1-vae.pth                             (VAE, the 240 official key names)
-        bpe_simple_vocab_16e6.txt.gz              (the real CLIP BPE file)
+        bpe_simple_vocab_16e6.txt.gz              (CLIP's BPE file with the kit's reduced vocabulary)
         antelopev2/scrfd_10g_bnkps.onnx
         antelopev2/arcface.onnx
 
@@ -183,25 +183,34 @@ def _sd15_model_index() -> dict[str, object]:
     }
 
 
-def write_sd15(out_dir: Path, seed: int, *, text_width: int | None = None) -> list[Path]:
+def write_sd15(
+    out_dir: Path, seed: int, *, text_width: int | None = None, unet: dict[str, object] | None = None
+) -> list[Path]:
     """Write a tiny SD1.5 ``StableDiffusionPipeline`` folder (layout in this module's docstring).
 
     Args:
         out_dir (`Path`): an existing, empty folder.
         seed (`int`): seeds every model; each model gets its own derived seed so they are not correlated.
         text_width (`int`, *optional*): text encoder width and UNet cross-attention width (default 32). AdaFace's
-            tiny kit needs 512: its token embeddings come from the 512-wide tiny Arc2Face encoder.
+            tiny kit needs 512: its token embeddings come from the 512-wide tiny Arc2Face encoder. A 512-wide
+            encoder gets 1 layer with a narrow MLP (each 512-wide attention layer is 4 MB).
+        unet (`dict`, *optional*): overrides of the UNet config (``components.tiny_unet_config``), for methods
+            whose adapters need other widths.
 
     Returns:
         `list[Path]`: the files written.
     """
-    from idfusion.clip_tokenizer import save_clip_tokenizer
     from idfusion.testing import components
+    from idfusion.testing.tiny_clip_tokenizer import save_tiny_clip_tokenizer
 
     with _quiet_progress_bars():
         wide = {"cross_attention_dim": text_width} if text_width else {}
-        text = {"hidden_size": text_width, "intermediate_size": 128, "num_attention_heads": 4} if text_width else {}
-        components.tiny_unet(seed=seed, **wide).save_pretrained(out_dir / "unet", safe_serialization=True)
+        text = {}
+        if text_width:
+            text = {"hidden_size": text_width, "intermediate_size": 32, "num_attention_heads": 4}
+            text |= {"num_hidden_layers": 1, "projection_dim": text_width}
+        unet_model = components.tiny_unet(seed=seed, **wide, **(unet or {}))
+        unet_model.save_pretrained(out_dir / "unet", safe_serialization=True)
         components.tiny_vae(seed=seed + 1).save_pretrained(out_dir / "vae", safe_serialization=True)
         # transformers 5 would write flat CLIP key names; the release has the nested (transformers 4) ones.
         text_encoder = components.tiny_text_encoder(seed=seed + 2, **text)
@@ -209,7 +218,7 @@ def write_sd15(out_dir: Path, seed: int, *, text_width: int | None = None) -> li
         components.save_pretrained_official(components.tiny_safety_checker(seed=seed + 3), out_dir / "safety_checker")
         components.tiny_feature_extractor().save_pretrained(out_dir / "feature_extractor")
         components.tiny_scheduler().save_pretrained(out_dir / "scheduler")
-    save_clip_tokenizer(out_dir / "tokenizer")
+    save_tiny_clip_tokenizer(out_dir / "tokenizer")
     (out_dir / "model_index.json").write_text(json.dumps(_sd15_model_index(), indent=2) + "\n", encoding="utf-8")
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
 
@@ -268,7 +277,8 @@ def write_feedface_sd15(out_dir: Path, seed: int) -> list[Path]:
 
     base = out_dir / "stable-diffusion-v1-5"
     base.mkdir()
-    files = write_sd15(base, seed + 20)
+    # widths 8 heads of the feed blocks divide (the kit's default starts at 4)
+    files = write_sd15(base, seed + 20, unet={"block_out_channels": [8, 16, 32, 32], "norm_num_groups": 8})
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     torch.manual_seed(seed)
     adapter = SD15FeedAdapter.for_unet(unet, face_dim=32, vision_config=TINY_VISION_CONFIG)

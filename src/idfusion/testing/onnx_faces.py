@@ -15,7 +15,10 @@ Both are exported with ``torch.onnx.export``'s default (dynamo) exporter at opse
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -214,7 +217,22 @@ def write_tiny_antelopev2(out_dir: Path, *, seed: int = 0) -> list[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        export_tiny_scrfd(out_dir / TINY_DETECTOR_FILE, seed=seed),
-        export_tiny_arcface(out_dir / TINY_RECOGNIZER_FILE, seed=seed),
-    ]
+    written = []
+    for name, data in _antelopev2_files(seed):
+        (out_dir / name).write_bytes(data)
+        written.append(out_dir / name)
+    return written
+
+
+@functools.lru_cache(maxsize=2)
+def _antelopev2_files(seed: int) -> tuple[tuple[str, bytes], ...]:
+    # Every tiny release holds these; exporting costs seconds, the bytes 350 KB, so a process exports each seed once.
+    tmp = Path(tempfile.mkdtemp(prefix="idfusion-antelopev2-"))
+    try:
+        paths = [
+            export_tiny_scrfd(tmp / TINY_DETECTOR_FILE, seed=seed),
+            export_tiny_arcface(tmp / TINY_RECOGNIZER_FILE, seed=seed),
+        ]
+        return tuple((path.name, path.read_bytes()) for path in paths)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,16 @@ compiled ``regex`` pattern (pickled as ``regex._regex.compile``), ``tokenizers.A
 no slow CLIP tokenizer, so the object is built from those real parts under the recorded class path.
 
 Sizes: width 512 (the Arc2Face encoder that feeds AdaFace zero-pads the 512-d ArcFace vector into its width, so the
-whole tiny AdaFace kit is 512 wide), CLIP's real 49,408-token vocabulary (the real tokenizer is used), 77 positions,
-3 layers of 4 heads, MLP width 64. Layers 1 and 2 have widened keys/values (multipliers ``[1, 2, 4]``), which
-exercises the multi-KV attention. The v2 checkpoint's two projectors share their (frozen, CLIP-initialised) token and
-position tables in one storage (101 MB of the file's 144 MB).
+whole tiny AdaFace kit is 512 wide), 77 positions, 3 layers of 4 heads, MLP width 64. Layers 1 and 2 have widened
+keys/values (multipliers ``[1, 2, 4]``), which exercises the multi-KV attention. The v2 checkpoint's two projectors
+share their (frozen, CLIP-initialised) token and position tables in one storage, as the release's do.
+
+The token table keeps CLIP's 49,408 rows: the loader reads the EOS row 49,407 for ID-CFG's padding embedding
+(``idfusion.methods.adaface.EOS_TOKEN_ID``), whatever the table's size. The kit's tokenizer has the reduced
+vocabulary (:mod:`idfusion.testing.tiny_clip_tokenizer`, ids below 1,000), and so does the pickled tokenizer. So
+that 49,408 x 512 floats (101 MB) need not be stored, row ``i`` of the table is ``values[i : i + 512]`` of one
+random vector (an overlapping ``as_strided`` view, which ``torch.save`` stores as its 50,000-value storage): every
+row differs, and the loaded table has the official shape.
 
 Three save formats of the eras the loader must tell apart (:func:`idfusion.methods.adaface._detect_version`):
 the release's v2 (:func:`write_tiny_adaface_checkpoint`), the dev repo's v2 save of the release's training date,
@@ -66,7 +72,7 @@ __all__ = [
 ]
 
 TINY_ADAFACE_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408,
+    "vocab_size": 49408,  # token-table rows: CLIP's (see the module docstring)
     "hidden_size": 512,
     "intermediate_size": 64,
     "num_layers": 3,
@@ -78,7 +84,7 @@ TINY_ARC2FACE_MULTIPLIERS = [1, 2, 4]
 TINY_CONSISTENTID_MULTIPLIERS = [1, 1, 2]
 TINY_V1_MULTIPLIER = 2  # v1 records one multiplier for layers [begin, end)
 TINY_V1_MULTIPLIER_LAYERS = (1, 3)
-TINY_OBJ_PROJ_IN_DIM = 4  # 384 (DINO ViT-S) in the release; the key layout is what matters here
+TINY_OBJ_PROJ_IN_DIM = 1  # 384 (DINO ViT-S) in the release; the key layout is what matters (77 x 512 outputs)
 TINY_NUM_SUFFIX_EMBS = 4
 
 V2_RELATIVE_PATH = Path("models/adaface/VGGface2_HQ_masks2024-10-14T16-09-24_zero3-ada-3500.pt")
@@ -164,7 +170,7 @@ def _layer_norm(gen: torch.Generator, dim: int, eps: float = 1e-5) -> nn.LayerNo
 
 
 def _embedding(weight: torch.Tensor) -> nn.Embedding:
-    # _weight skips the random initialisation (slow for 49,408 rows even on the meta device).
+    # _weight skips the random initialisation (slow for 49,408 rows even on the meta device) and keeps the view.
     return nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight)
 
 
@@ -207,9 +213,11 @@ class _TokenizerParts:
     """The big tables of a CLIP tokenizer, built once and shared by every pickled tokenizer of one file."""
 
     def __init__(self) -> None:
-        from ..clip_tokenizer import build_clip_vocab, bytes_to_unicode
+        from ..clip_tokenizer import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
+        from .tiny_clip_tokenizer import tiny_clip_vocab
 
-        self.encoder, merges = build_clip_vocab()
+        self.encoder, merges = tiny_clip_vocab()  # the kit's vocabulary, as the kit's tokenizer/ folder
+        self.bos_id, self.eos_id = self.encoder[BOS_TOKEN], self.encoder[EOS_TOKEN]
         self.decoder = {index: token for token, index in self.encoder.items()}
         self.bpe_ranks = {tuple(line.split()): rank for rank, line in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
@@ -239,8 +247,8 @@ def _slow_clip_tokenizer(classes: _Classes, parts: _TokenizerParts) -> Any:
     return classes.new(
         "transformers.models.clip.tokenization_clip.CLIPTokenizer",
         module=False,
-        _added_tokens_decoder={49406: bos, 49407: eos},
-        _added_tokens_encoder={"<|startoftext|>": 49406, "<|endoftext|>": 49407},
+        _added_tokens_decoder={parts.bos_id: bos, parts.eos_id: eos},
+        _added_tokens_encoder={"<|startoftext|>": parts.bos_id, "<|endoftext|>": parts.eos_id},
         _additional_special_tokens=[],
         _bos_token=bos,
         _eos_token=eos,
@@ -352,7 +360,9 @@ def _prompt2token_proj(
 
 def _clip_tables(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = TINY_ADAFACE_CONFIG
-    tokens = _randn(gen, cfg["vocab_size"], cfg["hidden_size"], std=0.02)
+    rows, width = cfg["vocab_size"], cfg["hidden_size"]
+    # Row i = values[i : i + width] (see the module docstring): 200 KB stored instead of 101 MB.
+    tokens = _randn(gen, rows + width - 1, std=0.02).as_strided((rows, width), (1, 1))
     positions = _randn(gen, cfg["max_position_embeddings"], cfg["hidden_size"], std=0.01)
     return tokens, positions
 
@@ -599,15 +609,15 @@ CLIP_VIT_H_PATH = Path("models/laion/CLIP-ViT-H-14-laion2B-s32B-b79K")  # a loca
 TINY_PROJPLUS: dict[str, int] = {
     "cross_attention_dim": 512,
     "id_embeddings_dim": 512,
-    "id_hidden_dim": 64,
+    "id_hidden_dim": 32,
     "clip_embeddings_dim": 32,
     "num_tokens": 4,
-    "depth": 2,
+    "depth": 1,
     "head_dim": 64,
-    "num_heads": 2,
-    "ff_inner_dim": 128,
+    "num_heads": 1,
+    "ff_inner_dim": 64,
 }
-TINY_BISENET_BASE_WIDTH = 8  # the release's 64; every BiSeNet width scales with it
+TINY_BISENET_BASE_WIDTH = 4  # the release's 64; every BiSeNet width scales with it
 # CLIP-ViT-H-14 at toy width: 224 pixels in 14x14 patches (257 tokens) as the real one, GELU, 2 layers.
 TINY_CLIP_VISION: dict[str, Any] = {
     "hidden_size": 32,
@@ -787,12 +797,12 @@ def write_tiny_consistentid(out_dir: Path, seed: int) -> list[Path]:
 
     - ``ConsistentID/models/ConsistentID-v1.bin``: a ``torch.save`` dict ``{"image_proj": ..., "FacialEncoder":
       ..., "adapter_modules": ...}`` of state dicts (only ``image_proj`` is used by AdaFace; the others are stubs);
-    - ``ConsistentID/models/BiSeNet_pretrained_for_ConsistentID.pth``: a BiSeNet state dict, widths / 8;
+    - ``ConsistentID/models/BiSeNet_pretrained_for_ConsistentID.pth``: a BiSeNet state dict, widths / 16;
     - ``models/insightface/models/buffalo_l/{det_10g,w600k_r50}.onnx``: SCRFD (unbatched outputs, as
       ``det_10g.onnx``) and ArcFace signatures (:mod:`idfusion.testing.onnx_faces`);
     - ``models/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/``: :data:`TINY_CLIP_VISION` in a ``CLIPModel`` snapshot.
 
-    About 6 MB in all.
+    About 2.5 MB in all (the 512-wide ``image_proj`` most of it).
     """
     from .onnx_export import export_onnx
     from .onnx_faces import TinyArcFace

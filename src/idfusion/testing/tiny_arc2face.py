@@ -2,6 +2,9 @@
 
 Width: the Arc2Face encoder takes the 512-d ArcFace embedding zero-padded into its token width, so even the tiny
 encoder is 512 wide (and the tiny UNet's cross-attention too). The tiny ONNX recognizer is 512-d like the real one.
+At that width each attention layer is 4 MB, so the encoder has 1 layer and an MLP of 32, and its token table has
+the kit's reduced vocabulary (:mod:`idfusion.testing.tiny_clip_tokenizer`, about 1,000 rows instead of 49,408:
+2 MB instead of 101 MB). The UNets have the kit's widths (``components.TINY_UNET_WIDTHS``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ def tiny_arc2face_encoder(seed: int = 0):
     from .components import tiny_text_encoder
 
     return tiny_text_encoder(
-        seed=seed, hidden_size=TINY_ID_WIDTH, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2
+        seed=seed,
+        hidden_size=TINY_ID_WIDTH,
+        intermediate_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        projection_dim=TINY_ID_WIDTH,
     )
 
 

@@ -15,14 +15,14 @@ Layout written by :func:`write_fact` (paths relative to the output folder)::
 
 Shapes:
 
-- TransFace: 112x112 input, 9x9 patches (144 tokens, as released), width 32, 2 blocks, 8 heads, MLP x4, global
-  embedding 32.
-- UNet (``stable-diffusion-v1-5/unet``): ``tiny_unet_config()`` widths (32, 64, 128, 128) and cross-attention width
-  32 (the tiny text encoder's), but SD1.5's 2 layers per level and 8 heads, so the 16 adapter sites and every
-  adapter key name of the real checkpoint exist.
-- Resampler (``local_fac_prj.*``): 16 queries, width 48, 2 layers, 12 heads x 4, input 32 (TransFace's), output 32
+- TransFace: 112x112 input, 9x9 patches (144 tokens, as released), width 16, 2 blocks, 8 heads, MLP x4, global
+  embedding 16 (its ``senet`` and ``feature`` layers read all 144 x width values, so they grow with the width).
+- UNet (``stable-diffusion-v1-5/unet``): widths (8, 16, 32, 32) (the smallest SD1.5 1:2:4:4 widths 8 heads
+  divide) and cross-attention width 32 (the tiny text encoder's), SD1.5's 2 layers per level and 8 heads, so the
+  16 adapter sites and every adapter key name of the real checkpoint exist.
+- Resampler (``local_fac_prj.*``): 16 queries, width 48, 2 layers, 12 heads x 4, input 16 (TransFace's), output 32
   (the UNet's cross-attention width), FF x4.
-- Adapters (``<site>.attn2.processor.*``): the per-site keys of the release at the site widths 32/64/128, without
+- Adapters (``<site>.attn2.processor.*``): the per-site keys of the release at the site widths 8/16/32, without
   ``ln.*`` (the release is converted from GLIGEN naming, spec §4.2); the gates ``alpha_attn``/``alpha_dense`` are
   non-zero, so the adapters change the UNet's output.
 """
@@ -46,11 +46,11 @@ __all__ = [
 TINY_TRANSFACE_CONFIG = {
     "img_size": 112,
     "patch_size": 9,
-    "embed_dim": 32,
+    "embed_dim": 16,
     "depth": 2,
     "num_heads": 8,
     "mlp_ratio": 4.0,
-    "num_features": 32,
+    "num_features": 16,
 }
 TINY_RESAMPLER_CONFIG = {
     "dim": 48,
@@ -58,16 +58,17 @@ TINY_RESAMPLER_CONFIG = {
     "dim_head": 4,
     "heads": 12,
     "num_queries": 16,
-    "embedding_dim": 32,
+    "embedding_dim": 16,
     "ff_mult": 4,
 }
 
 
 def tiny_fact_unet_config(**overrides):
-    """``tiny_unet_config()`` widths at SD1.5's depth (2 layers per level) and head count (8)."""
+    """``tiny_unet_config()`` at SD1.5's depth (2 layers per level) and head count (8), so widths (8, 16, 32, 32)."""
     from idfusion.testing.components import tiny_unet_config
 
-    return tiny_unet_config(**({"layers_per_block": 2, "attention_head_dim": 8} | overrides))
+    fact = {"layers_per_block": 2, "attention_head_dim": 8, "block_out_channels": [8, 16, 32, 32]}
+    return tiny_unet_config(**(fact | {"norm_num_groups": 8} | overrides))
 
 
 def _perturb(module: torch.nn.Module, generator: torch.Generator) -> None:

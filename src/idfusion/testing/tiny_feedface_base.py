@@ -12,22 +12,24 @@ Layout written by :func:`write_unidiffuser_base` (paths relative to ``models_dir
     gpt2/tokenizer.json                the same tokenizer in the ``tokenizers`` format
     gpt2/pytorch_model.bin             GPT-2 weights (GPT2Model key names, like the Hub file)
     clip-vit-large-patch14/            a tiny CLIPModel folder in the layout of ``openai/clip-vit-large-patch14``
-                                       (config.json, model.safetensors, the real CLIP tokenizer files,
+                                       (config.json, model.safetensors, the kit's CLIP tokenizer files,
                                        preprocessor_config.json); the official code loads it from the Hub
 
 Shapes (full size in brackets):
 
-- U-ViT: width 128 = 2 heads x 64 [1536 = 24 x 64], depth 30 = 15 in-blocks + mid + 15 out-blocks [same], so
+- U-ViT: width 64 = 1 head x 64 [1536 = 24 x 64], depth 30 = 15 in-blocks + mid + 15 out-blocks [same], so
   every official block key (``in_blocks.0..14``, ``out_blocks.0..14``) exists; latent 8x8x4 in 2x2 patches = 16
   image tokens [64x64, 1024], 77 text tokens of width 16 [64], CLIP image token 32 [512], the data-type token.
 - Autoencoder: SD's KL-f8 topology (4 levels, 2 res blocks, mid attention, 4 latent channels, GroupNorm 32) at
-  widths (32, 64, 128, 128) [(128, 256, 512, 512)], so the key names equal the real file's.
+  widths (32, 64, 96, 96) [(128, 256, 512, 512)]: 32 groups make 32 the smallest width, and widths that grow where
+  the real ones grow give the same shortcuts, so the key names equal the real file's.
 - Caption decoder: prefix 77 x 32 [768] -> 16 [64] (= the U-ViT's text width), GPT-2 width 32, 2 layers, 2 heads,
   256 positions [768, 12, 12, 1024]; vocabulary = the tiny GPT-2 vocabulary + ``<|EOS|>``, as the official
   ``resize_token_embeddings(len(tokenizer))`` leaves it. (The official ``ClipCaptionModel`` hard-codes 768 for both
   prefix Linear layers, so only a full-width file fits that class; the key names are the same.)
-- CLIP text tower: width 32 (= the caption decoder's prefix input), 3 layers, CLIP's 49,408-token vocabulary and 77
-  positions; a 2-layer vision tower of width 32 completes the CLIPModel.
+- CLIP text tower: width 32 (= the caption decoder's prefix input), 3 layers, the kit's reduced CLIP vocabulary
+  (:mod:`idfusion.testing.tiny_clip_tokenizer`) and 77 positions; a 2-layer vision tower of width 32 completes the
+  CLIPModel.
 
 Weights are seeded random and not degenerate: norms, biases and the zero-initialised position/data-type embeddings
 are perturbed, so tests can tell any two parameters apart.
@@ -58,7 +60,7 @@ __all__ = [
     "write_unidiffuser_base",
 ]
 
-TINY_UVIT_WIDTH = 128
+TINY_UVIT_WIDTH = 64
 TINY_TEXT_DIM = 16
 TINY_CLIP_IMG_DIM = 32
 TINY_CLIP_WIDTH = 32
@@ -74,7 +76,7 @@ GPT2_WORDS = (
 
 def tiny_uvit_config(**overrides: Any) -> dict[str, Any]:
     """UniDiffuser-v1's U-ViT (:data:`~idfusion.convert.feedface.UVIT_V1_CONFIG`) at toy size: width
-    128 (2 heads of 64, the head width the loader assumes), the full 30 layers, an 8x8 latent, text width 16."""
+    64 (1 head of 64, the head width the loader assumes), the full 30 layers, an 8x8 latent, text width 16."""
     from idfusion.convert.feedface import UVIT_HEAD_DIM, uvit_config
 
     return uvit_config(
@@ -90,10 +92,10 @@ def tiny_uvit_config(**overrides: Any) -> dict[str, Any]:
 
 
 def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
-    """UniDiffuser's KL-f8 autoencoder topology at widths (32, 64, 128, 128) (GroupNorm 32 divides them all)."""
+    """UniDiffuser's KL-f8 autoencoder topology at widths (32, 64, 96, 96) (GroupNorm 32 divides them all)."""
     from idfusion.convert.feedface import vae_config
 
-    return vae_config(**{"block_out_channels": [32, 64, 128, 128], "sample_size": 64, **overrides})
+    return vae_config(**{"block_out_channels": [32, 64, 96, 96], "sample_size": 64, **overrides})
 
 
 def tiny_text_decoder_config(vocab_size: int, **overrides: Any) -> dict[str, Any]:
@@ -112,8 +114,8 @@ def tiny_text_decoder_config(vocab_size: int, **overrides: Any) -> dict[str, Any
 
 
 def tiny_clip_config() -> dict[str, Any]:
-    """A ``CLIPConfig`` dict: SD1.5-style text tower of width 32 (CLIP vocabulary, 77 positions, the old special-token
-    ids of ``openai/clip-vit-large-patch14``) and a 2-layer ViT of width 32 on 224x224 images."""
+    """A ``CLIPConfig`` dict: SD1.5-style text tower of width 32 (the kit's CLIP vocabulary, 77 positions, the old
+    special-token ids of ``openai/clip-vit-large-patch14``) and a 2-layer ViT of width 32 on 224x224 images."""
     from idfusion.testing.components import tiny_safety_checker_config, tiny_text_encoder_config
 
     text = tiny_text_encoder_config(hidden_size=TINY_CLIP_WIDTH, projection_dim=TINY_CLIP_WIDTH)
@@ -270,14 +272,14 @@ def write_gpt2_folder(out_dir: Path, decoder: torch.nn.Module) -> list[Path]:
 def _write_clip(out_dir: Path, seed: int) -> None:
     from transformers import CLIPConfig, CLIPModel
 
-    from idfusion.clip_tokenizer import save_clip_tokenizer
     from idfusion.testing.components import _seeded, tiny_feature_extractor
+    from idfusion.testing.tiny_clip_tokenizer import save_tiny_clip_tokenizer
 
     with _seeded(seed):
         model = CLIPModel(CLIPConfig(**tiny_clip_config())).eval()
     _perturb(model, torch.Generator().manual_seed(seed))
     model.save_pretrained(out_dir, safe_serialization=True)  # CLIPModel keys are already the official ones
-    save_clip_tokenizer(out_dir)
+    save_tiny_clip_tokenizer(out_dir)
     tiny_feature_extractor().save_pretrained(out_dir)
 
 

@@ -4,15 +4,17 @@ Official (``write_flashface``), in the layout of ``shilongz/FlashFace-SD1.5`` / 
 
 - ``flashface.ckpt``: ``torch.save`` of an ``OrderedDict`` with exactly the official 2,142 key names, in the official
   order, including the ``ori_*`` twins (separate, equal tensors, as in the released file) and ``ref_middle.*`` (its
-  own random weights: the official code never runs it). Widths are SD1.5's 1:2:4:4 at ``(32, 64, 128, 128)`` with
-  2 layers per level, 8 heads and cross-attention width 32, so every key name of the real file occurs, with the
-  same ranks, and GroupNorm's 32 groups still divide every width.
+  own random weights: the official code never runs it). Widths ``(32, 64, 96, 96)`` with 2 layers per level, 8
+  heads and cross-attention width 32: FlashFace's GroupNorm has 32 groups, so 32 is the smallest width, and widths
+  that grow at the levels where SD1.5's grow (320, 640, 1280, 1280) give the same resnet shortcuts, so every key
+  name of the real file occurs, with the same ranks. (This floor makes it the largest tiny release.)
 - ``openai-clip-vit-large-14.pth``: both CLIP towers in FlashFace naming: ``textual.*`` (width 32, 2 layers, the
-  real 49,408-token vocabulary and 77 positions, ``textual.head`` projection), a small ``visual.*`` ViT (width 32,
+  kit's reduced vocabulary and 77 positions, ``textual.head`` projection), a small ``visual.*`` ViT (width 32,
   patch 14 on 28x28 images, 2 layers, ``cls_embedding``, ``pre_norm``, ``post_norm``, ``head``) and ``log_scale``.
-- ``sd-v1-vae.pth``: the VAE in FlashFace naming, widths ``(32, 64, 128, 128)``, 2 blocks per level: the 240 key
+- ``sd-v1-vae.pth``: the VAE in FlashFace naming, widths ``(32, 64, 96, 96)``, 2 blocks per level: the 240 key
   names of the real file.
-- ``bpe_simple_vocab_16e6.txt.gz``: the real CLIP BPE file (from the ``openai-clip`` package).
+- ``bpe_simple_vocab_16e6.txt.gz``: CLIP's BPE file with the kit's reduced vocabulary
+  (:func:`idfusion.testing.tiny_clip_tokenizer.write_tiny_clip_bpe`), which the text tower's table matches.
 - ``antelopev2/``: tiny ONNX face models, where the FlashFace pipeline looks for a detector.
 
 The weights are seeded random and not degenerate: every bias and norm weight is perturbed, the main UNet's
@@ -22,14 +24,13 @@ ReferenceNet and ``ref_middle`` are drawn from different seeds, so tests can tel
 Open (``write_open_flashface``), the ``IntellectGen/FlashFace`` diffusers folder: ``model_index.json``
 (``StableDiffusionReferencePipeline``, diffusers 0.22.1), ``unet/`` and ``refnet/`` (4-channel tiny UNets, 2 layers
 per level so the 10 reference blocks exist, different seeds), ``vae/``, ``text_encoder/`` (official nested key
-names), ``tokenizer/`` (the real CLIP tokenizer), ``scheduler/`` (``DDIMScheduler`` with SD1.5's schedule) and
+names), ``tokenizer/`` (the kit's CLIP tokenizer), ``scheduler/`` (``DDIMScheduler`` with SD1.5's schedule) and
 ``antelopev2/``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ __all__ = [
     "write_open_flashface",
 ]
 
-TINY_FLASHFACE_WIDTHS = [32, 64, 128, 128]
+TINY_FLASHFACE_WIDTHS = [32, 64, 96, 96]
 TINY_TEXT_WIDTH = 32
 
 
@@ -71,9 +72,11 @@ def tiny_flashface_unet_config(**overrides: Any) -> dict[str, Any]:
 def tiny_flashface_text_config(**overrides: Any) -> dict[str, Any]:
     """A CLIP text tower of width 32 (one 32-wide head, as inferred for towers narrower than CLIP's 64-wide heads)."""
     from .components import sd15_text_encoder_config
+    from .tiny_clip_tokenizer import tiny_clip_vocab_size
 
     return sd15_text_encoder_config(
         **{
+            "vocab_size": tiny_clip_vocab_size(),
             "hidden_size": TINY_TEXT_WIDTH,
             "intermediate_size": 4 * TINY_TEXT_WIDTH,
             "num_attention_heads": 1,
@@ -158,7 +161,6 @@ def _tiny_visual_tower(generator: torch.Generator, width: int = 32, layers: int 
 
 def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     """Write the tiny official release (layout in this module's docstring) into the empty folder ``out_dir``."""
-    from ..clip_tokenizer import clip_bpe_path
     from ..convert.flashface import (
         BPE_FILE,
         CHECKPOINT_FILE,
@@ -170,6 +172,7 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     )
     from .components import _build_seeded, build_text_encoder, build_vae
     from .make_tiny import write_antelopev2
+    from .tiny_clip_tokenizer import write_tiny_clip_bpe
 
     main, refnet, reference, ref_middle = tiny_flashface_models(seed)
     state = flashface_unets_state_dict(main, refnet, reference, ref_middle=ref_middle)
@@ -188,7 +191,7 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     _perturb(vae, torch.Generator().manual_seed(seed + 4))
     torch.save(vae_to_flashface(vae), out_dir / VAE_FILE)
 
-    shutil.copyfile(clip_bpe_path(), out_dir / BPE_FILE)
+    write_tiny_clip_bpe(out_dir / BPE_FILE)
     (out_dir / "antelopev2").mkdir()
     write_antelopev2(out_dir / "antelopev2", seed)
     return sorted(p for p in out_dir.rglob("*") if p.is_file())
@@ -215,9 +218,9 @@ def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
     """Write the tiny open FlashFace (IntellectGen) diffusers folder into the empty folder ``out_dir``."""
     from diffusers import DDIMScheduler
 
-    from ..clip_tokenizer import save_clip_tokenizer
     from .components import save_pretrained_official, tiny_text_encoder, tiny_unet, tiny_vae
     from .make_tiny import _quiet_progress_bars, write_antelopev2
+    from .tiny_clip_tokenizer import save_tiny_clip_tokenizer
 
     with _quiet_progress_bars():
         for name, offset in (("unet", 0), ("refnet", 1)):
@@ -236,7 +239,7 @@ def write_open_flashface(out_dir: Path, seed: int) -> list[Path]:
         prediction_type="epsilon",
     )
     scheduler.save_pretrained(out_dir / "scheduler")
-    save_clip_tokenizer(out_dir / "tokenizer")
+    save_tiny_clip_tokenizer(out_dir / "tokenizer")
     (out_dir / "model_index.json").write_text(json.dumps(_open_model_index(), indent=2) + "\n", encoding="utf-8")
     (out_dir / "antelopev2").mkdir()
     write_antelopev2(out_dir / "antelopev2", seed)
