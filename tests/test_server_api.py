@@ -72,7 +72,9 @@ def real(tmp_path_factory, tiny_release, faces_dir):
 def test_served_methods_come_from_the_registry(real):
     client, _, _ = real
     methods = {m["name"]: m for m in client.get("/api/methods").json()}
-    assert set(methods) == {"arc2face", BASELINE}
+    from idfusion.world.demo import world_methods
+
+    assert set(methods) == {"arc2face", BASELINE, *(name for name, _ in world_methods())}  # world: FlashFace
     arc2face = {o["name"]: o for o in methods["arc2face"]["options"]}
     assert {"prompt", "steps", "guidance", "width", "height", "negative_prompt", "controlnet_image"} <= set(arc2face)
     assert "base_model" not in arc2face and "lora" not in arc2face  # server-side files: not per request

@@ -513,6 +513,7 @@ register_method(
         tiny="idfusion.testing.tiny_flashface:write_flashface",
         converter="idfusion.convert.flashface:convert_flashface",
         bench="idfusion.bench:FLASHFACE",
+        recipe="flashface",
         downloads=(_FLASHFACE,),
     )
 )

@@ -54,7 +54,8 @@ __all__ = [
     "rescale_noise",
 ]
 
-# The transformer blocks that read references: the mid block's and the 9 decoder blocks with attention.
+# The transformer blocks that read references in SD1.5's topology: the mid block's and the 9 decoder blocks with
+# attention (a UNet with other layer counts has its own, in the same order: see reference_blocks).
 REFERENCE_BLOCKS = ("mid_block.attentions.0.transformer_blocks.0",) + tuple(
     f"up_blocks.{i}.attentions.{j}.transformer_blocks.0" for i in (1, 2, 3) for j in (0, 1, 2)
 )
@@ -117,12 +118,24 @@ RELEASES = {OFFICIAL.name: OFFICIAL, OPEN.name: OPEN}
 
 
 def reference_blocks(unet: nn.Module) -> dict[str, nn.Module]:
-    """The 10 reference-reading ``BasicTransformerBlock``s of a UNet (or ReferenceNet), by module path."""
-    modules = dict(unet.named_modules())
-    missing = [path for path in REFERENCE_BLOCKS if path not in modules]
-    if missing:
-        raise ValueError(f"not an SD1.5-topology UNet: no {missing[0]}")
-    return {path: modules[path] for path in REFERENCE_BLOCKS}
+    """The reference-reading ``BasicTransformerBlock``s of a UNet (or ReferenceNet), by module path: the mid
+    block's, then the up blocks' in order. In SD1.5's topology (2 layers per level) these are the 10
+    :data:`REFERENCE_BLOCKS`; with 1 layer per level (the synthetic world's base) 7."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    found = {
+        path: module
+        for path, module in unet.named_modules()
+        if isinstance(module, BasicTransformerBlock) and path.split(".")[0] in ("mid_block", "up_blocks")
+    }
+    if not any(path.startswith("mid_block.") for path in found) or len(found) < 2:
+        raise ValueError("not an SD1.5-topology UNet: no transformer blocks in the mid block and the up path")
+
+    def order(path: str) -> tuple:  # mid block first, then by block, attention and layer index
+        parts = path.split(".")
+        return (parts[0] != "mid_block", *(int(p) for p in parts if p.isdigit()))
+
+    return {path: found[path] for path in sorted(found, key=order)}
 
 
 class FlashFaceReferenceAttention(ModelMixin, ConfigMixin):
@@ -130,7 +143,8 @@ class FlashFaceReferenceAttention(ModelMixin, ConfigMixin):
 
     Each is an ``Attention`` shaped like its block's ``attn1`` (the official initialisation is a copy of it); the
     checkpoint stores them as ``self_attn.self_attn_first``. Kept apart from the UNet, so the UNet stays a plain
-    diffusers model and this component saves and loads with the pipeline.
+    diffusers model and this component saves and loads with the pipeline. (One per :func:`reference_blocks` entry
+    of other topologies.)
 
     Args:
         query_dims: each block's width.
@@ -142,8 +156,8 @@ class FlashFaceReferenceAttention(ModelMixin, ConfigMixin):
         super().__init__()
         from diffusers.models.attention_processor import Attention
 
-        if len(query_dims) != len(REFERENCE_BLOCKS) or len(heads) != len(REFERENCE_BLOCKS):
-            raise ValueError(f"expected {len(REFERENCE_BLOCKS)} widths and head counts, got {query_dims}, {heads}")
+        if len(query_dims) != len(heads) or not query_dims:
+            raise ValueError(f"expected one width and head count per reference block, got {query_dims}, {heads}")
         self.attentions = nn.ModuleList(
             Attention(query_dim=d, heads=h, dim_head=d // h, bias=False, out_bias=True)
             for d, h in zip(query_dims, heads, strict=True)
@@ -270,6 +284,8 @@ def _attention_with_lse(q, k, v, bias=None):
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or q.device.type != "cpu":
         return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return None  # training: the op's log-sum-exp output has no gradient, so the mix's would be wrong
     out, lse = op(q, k, v, attn_mask=bias)[:2]
     return out, lse
 
@@ -339,12 +355,24 @@ class ReferenceReadProcessor:
                 weight = torch.sigmoid(lse_y - lse_r).unsqueeze(-1)  # share of the mass on y's own keys
                 heads = o_y.float() + lam * (1 - weight) * (o_r.float() - o_y.float())
             else:
-                o_y = F.scaled_dot_product_attention(q, k, v)
+                # the two attentions as written, each for the rows that need it: (1 - lam) o_y + lam o_full (with lam
+                # 0 or 1 per sample in training, each row needs one of them)
                 full_bias = None if bias is None else torch.cat([y.new_zeros(batch, 1, 1, length), bias], dim=-1)
-                o_full = F.scaled_dot_product_attention(
-                    q, torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2), attn_mask=full_bias
-                )
-                heads = o_y.float() + lam * (o_full.float() - o_y.float())
+                keys, values = torch.cat([k, k_ref], dim=2), torch.cat([v, v_ref], dim=2)  # (B, heads, L + n*L_ref, d)
+                lam_rows = lam.view(batch)
+                heads = q.new_zeros(q.shape, dtype=torch.float32)
+                for rows, weight, kv, mask in (
+                    (lam_rows != 1, 1 - lam, (k, v), None),
+                    (lam_rows != 0, lam, (keys, values), full_bias),
+                ):
+                    if bool(rows.all()):
+                        heads = heads + weight * F.scaled_dot_product_attention(q, *kv, attn_mask=mask).float()
+                    elif bool(rows.any()):
+                        index = rows.nonzero().flatten()
+                        part = F.scaled_dot_product_attention(
+                            q[index], kv[0][index], kv[1][index], attn_mask=None if mask is None else mask[index]
+                        )
+                        heads = heads.index_add(0, index, weight[index] * part.float())
         heads = heads.to(y.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, L, C)
         # to_out is affine and lam + (1 - lam) = 1, so mixing before it equals mixing the two outputs
         reference = ref.to_out[1](ref.to_out[0](heads))
@@ -361,8 +389,11 @@ def attach_reference_processors(
     ``reference_attention``'s attentions for the official release, ``attn1`` itself for the open one)."""
     for path, block in reference_blocks(refnet).items():
         block.attn1.set_processor(ReferenceWriteProcessor(bank, path))
-    partners = list(reference_attention.attentions) if reference_attention is not None else [None] * 10
-    for (path, block), partner in zip(reference_blocks(unet).items(), partners, strict=True):
+    blocks = reference_blocks(unet)
+    partners = list(reference_attention.attentions) if reference_attention is not None else [None] * len(blocks)
+    if len(partners) != len(blocks):
+        raise ValueError(f"{len(partners)} reference attentions for the UNet's {len(blocks)} reference blocks")
+    for (path, block), partner in zip(blocks.items(), partners, strict=True):
         block.attn1.set_processor(ReferenceReadProcessor(bank, path, partner))
 
 

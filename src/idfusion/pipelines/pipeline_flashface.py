@@ -26,7 +26,7 @@ from ..methods import flashface
 from ..methods.flashface import OFFICIAL, OPEN, RELEASES, FlashFaceRelease, ReferenceBank
 from .core import FaceInput, IdentityPipeline, IdentityPipelineOutput
 
-__all__ = ["FlashFacePipeline", "ReferenceImageError"]
+__all__ = ["SETTINGS", "FlashFacePipeline", "ReferenceImageError", "release_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,62 @@ OFFICIAL_REFERENCE_GUIDANCE = 3.2  # s_r
 OFFICIAL_GUIDANCE_START = 750  # T*: reference guidance for timesteps t <= T*
 OFFICIAL_STRENGTH_BEFORE_GUIDANCE = 0.85  # lambda in both branches while t > T*
 OFFICIAL_RESCALE = 0.5
+
+#: What a saved folder's ``settings`` (in ``model_index.json``) may set: the defaults of a model trained by idfusion
+#: (e.g. the synthetic world's 64 px FlashFace) where they differ from its release's (:func:`release_settings`).
+SETTINGS = {
+    "height": int,  # native resolution in pixels (the release's ``height``)
+    "reference_size": int,  # side of a reference crop in pixels
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "reference_strength": float,  # lambda
+    "reference_guidance": float,  # s_r (official)
+    "reference_guidance_start": int,  # T* (official)
+    "strength_before_guidance": float,  # lambda_0 (official)
+    "guidance_rescale": float,
+    "face_box": list,  # default face position (official); [0, 0, 0, 0]: anywhere
+    "positive_postfix": str,  # appended to the prompt (official); "": nothing
+    "negative_postfix": str,  # the negative text (official); "": nothing
+    "release_vae_attention": bool,  # official: the release's VAE attention layout; False for diffusers-trained VAEs
+    "base_model": str,  # a saved folder without vae/, text_encoder/ or tokenizer/ loads them from this SD1.5 folder
+}
+#: The components a saved folder may take from its ``base_model`` (frozen in training, so equal to the base's).
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+
+
+def release_settings(release: FlashFaceRelease) -> dict:
+    """The release's value of every :data:`SETTINGS` key."""
+    official = release is OFFICIAL
+    return {
+        "height": release.height,
+        "reference_size": release.reference_size,
+        "num_inference_steps": release.num_inference_steps,
+        "guidance_scale": release.guidance_scale,
+        "reference_strength": release.reference_strength,
+        "reference_guidance": OFFICIAL_REFERENCE_GUIDANCE,
+        "reference_guidance_start": OFFICIAL_GUIDANCE_START,
+        "strength_before_guidance": OFFICIAL_STRENGTH_BEFORE_GUIDANCE,
+        "guidance_rescale": OFFICIAL_RESCALE,
+        "face_box": list(flashface.OFFICIAL_FACE_BOX) if official else None,
+        "positive_postfix": OFFICIAL_POSITIVE_POSTFIX if official else "",
+        "negative_postfix": OFFICIAL_NEGATIVE_POSTFIX if official else "",
+        "release_vae_attention": official,
+    }
+
+
+def _check_settings(settings: dict) -> dict:
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown FlashFace settings {unknown}; known: {', '.join(SETTINGS)}")
+    for key, value in settings.items():
+        kind = SETTINGS[key]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"FlashFace setting {key}: expected {kind.__name__}, got {value!r}")
+    return dict(settings)
 
 
 class ReferenceImageError(FaceError):
@@ -73,6 +129,28 @@ def reference_crop(image: np.ndarray, face: Face, size: int, *, clamp: bool = Fa
     return canvas
 
 
+def _base_components(folder: Path, config: dict, torch_dtype: torch.dtype | None) -> dict:
+    """The components a saved folder leaves to its ``base_model`` setting (a path, relative to the folder)."""
+    import importlib
+
+    missing = [name for name in BASE_COMPONENTS if config.get(name) and not (folder / name).is_dir()]
+    base = (config.get("settings") or {}).get("base_model")
+    if not missing:
+        return {}
+    if not base:
+        raise IdfusionError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
+    base_dir = (folder / base).resolve()
+    parts = {}
+    for name in missing:
+        library, class_name = config[name]
+        loader = getattr(importlib.import_module(library), class_name)
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
+        if not (base_dir / name).is_dir():
+            raise IdfusionError(f"{folder}: its base_model {base_dir} has no {name}/")
+        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
+    return parts
+
+
 def _read_release(folder: Path) -> FlashFaceRelease | None:
     """The release a folder holds: a saved pipeline (its ``release``), the official files, or the open release."""
     from ..convert import flashface as ckpt
@@ -95,7 +173,7 @@ class FlashFacePipeline(IdentityPipeline):
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (main UNet), ``refnet`` (ReferenceNet),
     ``scheduler`` (DDIM, the release's spacing) and, for the official release, ``reference_attention``
     (:class:`~idfusion.methods.flashface.FlashFaceReferenceAttention`). The release is the pipeline config's
-    ``release``.
+    ``release``; ``settings`` (:data:`SETTINGS`) replace its defaults for a model trained by idfusion.
     """
 
     model_cpu_offload_seq = "text_encoder->refnet->unet->vae"
@@ -111,21 +189,23 @@ class FlashFacePipeline(IdentityPipeline):
         scheduler,
         reference_attention=None,
         release: str = "flashface",
+        settings: dict | None = None,
     ):
         super().__init__()
         if release not in RELEASES:
             raise ValueError(f"unknown FlashFace release {release!r}; choose one of {', '.join(RELEASES)}")
         spec = RELEASES[release]
+        settings = _check_settings(settings or {})
         if spec.separate_reference_attention and reference_attention is None:
             raise ValueError(f"the {release} release needs its reference_attention component")
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, refnet=refnet, scheduler=scheduler,
             reference_attention=reference_attention if spec.separate_reference_attention else None,
         )  # fmt: skip
-        self.register_to_config(release=release)
+        self.register_to_config(release=release, settings=settings or None)
         self.bank = ReferenceBank()
         flashface.attach_reference_processors(unet, refnet, self.bank, self.reference_attention)
-        if spec is OFFICIAL:
+        if self.settings["release_vae_attention"]:
             # the release's VAE reshapes its mid-block attention without a transpose; its model was trained with it
             from ..methods.flashface_vae import use_flashface_vae_attention
 
@@ -136,16 +216,23 @@ class FlashFacePipeline(IdentityPipeline):
         return RELEASES[self.config.release]
 
     @property
+    def settings(self) -> dict:
+        """Every :data:`SETTINGS` value: the folder's ``settings`` over the release's."""
+        return {**release_settings(self.release), **(self.config.get("settings") or {})}
+
+    @property
     def default_settings(self) -> dict:  # type: ignore[override]
-        return {"num_inference_steps": self.release.num_inference_steps, "guidance_scale": self.release.guidance_scale}
+        settings = self.settings
+        return {"num_inference_steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"]}
 
     @property
     def method(self) -> str:  # type: ignore[override]  # the registry name is the release's
         return self.release.name
 
     def native_size(self) -> int:
-        """The release's resolution (768 official, 512 open): the checkpoint stores no sample size."""
-        return self.release.height
+        """The release's resolution (768 official, 512 open; the checkpoint stores no sample size), or the folder's
+        ``settings``."""
+        return self.settings["height"]
 
     @classmethod
     def from_pretrained(
@@ -189,13 +276,18 @@ class FlashFacePipeline(IdentityPipeline):
             raise ValueError(f"{folder} holds the {found.name} model, but release={release!r} was asked for")
 
         index = folder / "model_index.json"
-        if index.is_file() and json.loads(index.read_text(encoding="utf-8")).get("_class_name") == cls.__name__:
-            pipe = cls.from_saved_folder(folder, torch_dtype=torch_dtype, **kwargs)
+        config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        if config.get("_class_name") == cls.__name__:
+            shared = {k: v for k, v in _base_components(folder, config, torch_dtype).items() if k not in kwargs}
+            pipe = cls.from_saved_folder(folder, torch_dtype=torch_dtype, **shared, **kwargs)
         else:
             load = ckpt.load_official_flashface if found is OFFICIAL else ckpt.load_open_flashface
             parts = load(folder, torch_dtype=torch_dtype)
             pipe = cls(**parts, release=found.name)
         pipe.model_info = {"model": str(source)}
+        base = (config.get("settings") or {}).get("base_model")
+        if base and any(not (folder / name).is_dir() for name in BASE_COMPONENTS if config.get(name)):
+            pipe.model_info = {"model": str(source), "base_model": str((folder / base).resolve())}
         faces = folder / "antelopev2"
         pipe.face_model_dir = Path(face_model_dir) if face_model_dir else (faces if faces.is_dir() else None)
         return pipe
@@ -204,7 +296,7 @@ class FlashFacePipeline(IdentityPipeline):
 
     def reference_images(self, faces: Sequence[FaceInput], *, clamp_crop: bool = False) -> list[PIL.Image.Image]:
         """One reference image per photo (each must show exactly one face), cropped the release's way."""
-        size = self.release.reference_size
+        size = self.settings["reference_size"]
         images = []
         for index, item in enumerate(faces):
             if isinstance(item, Face):
@@ -231,7 +323,7 @@ class FlashFacePipeline(IdentityPipeline):
     def encode_references(
         self, images: Sequence[PIL.Image.Image], generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``(n, 4, s/8, s/8)`` scaled VAE latents of reference images: the posterior mean (official), or a sample
+        """``(n, 4, s/f, s/f)`` scaled VAE latents (``f`` the VAE's scale factor) of reference images: the posterior mean (official), or a sample
         drawn from ``generator`` (open release), as each was trained."""
         pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
         pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1.0).to(self.vae.device, self.vae.dtype)  # (n, 3, s, s)
@@ -315,7 +407,7 @@ class FlashFacePipeline(IdentityPipeline):
         if faces is not None:
             crops = self.reference_images(faces, clamp_crop=clamp_crop)
         elif reference_images is not None:
-            size = self.release.reference_size
+            size = self.settings["reference_size"]
             crops = [
                 load_image(im, name="reference_images").to_pil().resize((size, size), PIL.Image.LANCZOS)
                 for im in reference_images
@@ -341,10 +433,10 @@ class FlashFacePipeline(IdentityPipeline):
         guidance_scale: float | None = None,
         scheduler: str | None = None,
         reference_strength: float | None = None,
-        reference_guidance: float = OFFICIAL_REFERENCE_GUIDANCE,
-        reference_guidance_start: int = OFFICIAL_GUIDANCE_START,
-        strength_before_guidance: float = OFFICIAL_STRENGTH_BEFORE_GUIDANCE,
-        guidance_rescale: float = OFFICIAL_RESCALE,
+        reference_guidance: float | None = None,
+        reference_guidance_start: int | None = None,
+        strength_before_guidance: float | None = None,
+        guidance_rescale: float | None = None,
         face_box: Sequence[float] | None = None,
         clamp_crop: bool = False,
         height: int | None = None,
@@ -360,19 +452,21 @@ class FlashFacePipeline(IdentityPipeline):
             face_weights: blend weights, one per photo (default all 1): a reference's attention is scaled by its
                 weight, so references of several people blend continuously.
             reference_images: already-cropped reference images instead of ``faces``.
-            reference_latents: ``(n, 4, s/8, s/8)`` precomputed reference latents instead of ``faces``; with
+            reference_latents: ``(n, 4, s/f, s/f)`` precomputed reference latents instead of ``faces``; with
                 ``n = 0`` (an empty tensor) nothing is referenced.
             prompt, negative_prompt: official: the default postfixes are appended, as in the official demo.
             seed, generator: one seed per image (``seed, seed + 1, ...``), or diffusers-style generators. An image's
                 reference padding (official) and reference noise (open) come from its own seed, so a batch equals
                 its single images.
             reference_strength: ``lambda`` (official 1.2; open release's ``reference_scale`` 0.85).
-            reference_guidance: ``s_r``, the reference guidance scale (official, phase B).
-            reference_guidance_start: ``T*``: three-branch reference guidance for timesteps ``t <= T*``; before
-                that, two-branch CFG with references at ``strength_before_guidance`` in both branches.
+            reference_guidance: ``s_r``, the reference guidance scale (official 3.2, phase B).
+            reference_guidance_start: ``T*`` (official 750): three-branch reference guidance for timesteps
+                ``t <= T*``; before that, two-branch CFG with references at ``strength_before_guidance`` (0.85) in
+                both branches.
             guidance_rescale: CFG-rescale factor (official 0.5; 0 disables it).
             face_box: face position ``(x1, y1, x2, y2)`` in [0, 1] (official only); default the official demo's
                 ``(0.3, 0.1, 0.6, 0.4)``; all zeros: anywhere.
+            (Defaults not given here come from the folder's ``settings``, else the release's.)
             clamp_crop: keep each reference crop inside its photo (the release crops the rounded box, black where it
                 leaves the photo).
             num_inference_steps, guidance_scale, height, width: official 35, 7.5, 768; open 50, 3.0, 512.
@@ -389,7 +483,16 @@ class FlashFacePipeline(IdentityPipeline):
             output_type=output_type,
         )  # fmt: skip
         self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        strength = release.reference_strength if reference_strength is None else float(reference_strength)
+        defaults = self.settings
+        strength = defaults["reference_strength"] if reference_strength is None else float(reference_strength)
+        if reference_guidance is None:
+            reference_guidance = defaults["reference_guidance"]
+        if reference_guidance_start is None:
+            reference_guidance_start = defaults["reference_guidance_start"]
+        if strength_before_guidance is None:
+            strength_before_guidance = defaults["strength_before_guidance"]
+        if guidance_rescale is None:
+            guidance_rescale = defaults["guidance_rescale"]
         for name, value in (("reference_strength", strength), ("reference_guidance", reference_guidance),
                             ("guidance_rescale", guidance_rescale)):  # fmt: skip
             if not math.isfinite(value) or value < 0:
@@ -402,7 +505,7 @@ class FlashFacePipeline(IdentityPipeline):
             if release is OPEN:
                 raise ValueError("face_box needs the official FlashFace model (the open release has no mask input)")
         elif release is OFFICIAL:
-            face_box = list(flashface.OFFICIAL_FACE_BOX)
+            face_box = list(defaults["face_box"] or (0.0, 0.0, 0.0, 0.0))
         if sum(x is not None for x in (faces, reference_images, reference_latents)) != 1:
             raise ValueError("give exactly one of faces, reference_images or reference_latents")
         if faces is not None and not isinstance(faces, (list, tuple)):
@@ -421,10 +524,8 @@ class FlashFacePipeline(IdentityPipeline):
         # 3. Text: the official demo appends its postfixes (the negative one alone when no negative is given); the
         #    open release skips CLIP's last layer for the positive prompt only
         if release is OFFICIAL:
-            positive_text = f"{prompt or 'a photo of a person'}, {OFFICIAL_POSITIVE_POSTFIX}"
-            negative_text = (
-                f"{negative_prompt}, {OFFICIAL_NEGATIVE_POSTFIX}" if negative_prompt else OFFICIAL_NEGATIVE_POSTFIX
-            )
+            positive_text = ", ".join(t for t in (prompt or "a photo of a person", defaults["positive_postfix"]) if t)
+            negative_text = ", ".join(t for t in (negative_prompt, defaults["negative_postfix"]) if t)
             positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
         else:
             positive_text = prompt or "a photo of a person"
@@ -438,7 +539,8 @@ class FlashFacePipeline(IdentityPipeline):
         device = self._execution_device
         scheduler_ = settings.scheduler
         scheduler_.set_timesteps(settings.steps, device=device)
-        shape = (4, settings.height // 8, settings.width // 8)
+        factor = self.vae_scale_factor  # 8 for SD1.5's VAE, 4 for the world's
+        shape = (self.vae.config.latent_channels, settings.height // factor, settings.width // factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in settings.generators])
         # the sampler's state stays float32, as the release keeps it under autocast; the UNet gets its own dtype
         latents = (latents * scheduler_.init_noise_sigma).to(device, torch.float32)
@@ -465,7 +567,7 @@ class FlashFacePipeline(IdentityPipeline):
                 log_weights = scaled.clamp_min(1e-12).log()
         mask = None
         if release.in_channels == 5:
-            mask = flashface.face_position_mask(face_box, settings.height, settings.width).to(latents)
+            mask = flashface.face_position_mask(face_box, settings.height, settings.width, scale=factor).to(latents)
 
         # 5. Denoising loop
         texts = torch.cat([positive, negative])  # context 0: positive, 1: negative
@@ -481,7 +583,7 @@ class FlashFacePipeline(IdentityPipeline):
                         )
                     self.bank.log_weights = log_weights
                     guided = self._guided_noise(
-                        latents, mask, t, texts, settings.guidance_scale, strength, reference_guidance,
+                        scheduler_.scale_model_input(latents, t), mask, t, texts, settings.guidance_scale, strength, reference_guidance,
                         reference_guidance_start, strength_before_guidance, guidance_rescale,
                     )  # fmt: skip
                     latents = scheduler_.step(guided.float(), t, latents).prev_sample

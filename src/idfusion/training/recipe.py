@@ -58,6 +58,7 @@ __all__ = ["RECIPES", "Recipe", "RecipeConfig", "UnknownRecipeError", "load_reci
 # recipe name -> "module:Class"; imported lazily by load_recipe
 RECIPES: dict[str, str] = {
     "text-to-image": "idfusion.training.recipes.text_to_image:TextToImageRecipe",
+    "flashface": "idfusion.training.recipes.flashface:FlashFaceRecipe",
 }
 
 

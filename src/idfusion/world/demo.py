@@ -6,7 +6,8 @@ each image labelled with the judge's identity score (cosine similarity of judge 
 same person above the judge's threshold). The base model sees only the prompt, so its scores are the floor an
 identity method has to beat.
 
-World weights of a method live in ``idfusion/world/weights/methods/<method>/`` (its release layout); none ship yet.
+World weights of a method live in ``idfusion/world/weights/methods/<method>/``, a folder its pipeline loads
+(FlashFace's ship).
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ def _score(judge: Any, detector: Any, reference: Any, image: np.ndarray) -> floa
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def _run_method(name: str, folder: Path, references: Sequence[Any], prompts: Sequence[str], seeds, steps: int):
+def _run_method(
+    name: str, folder: Path, references: Sequence[Any], prompts: Sequence[str], seeds, steps: int, progress: bool
+):
     from .. import registry
 
     pipe = registry.load_pipeline(name, str(folder))
+    pipe.set_progress_bar_config(disable=not progress)
     pipe.configure_face_analysis(detector="world", recognizer="world")
     images = []
     for reference, prompt, seed in zip(references, prompts, seeds, strict=True):
@@ -138,7 +142,7 @@ def run_demo(
     bar.update()
     for name, folder in found:
         bar.set_postfix_str(name)
-        rows[name] = _run_method(name, folder, references, prompts, seeds, num_inference_steps)
+        rows[name] = _run_method(name, folder, references, prompts, seeds, num_inference_steps, progress)
         bar.update()
     bar.close()
 
