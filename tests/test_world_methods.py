@@ -137,3 +137,16 @@ def test_shipped_flashface_reproduces_its_check_and_beats_the_different_identity
     gaps = measured["gaps"]
     assert gaps["sim_target_vs_different_identity"]["mean"] >= ACCEPTANCE_MARGIN
     assert gaps["sim_target_vs_base"]["mean"] >= ACCEPTANCE_MARGIN
+
+
+def test_train_method_smoke_run_ships_a_loadable_folder_and_its_manifest(tmp_path):
+    from idfusion import registry
+    from idfusion.world.train_method import train_method
+
+    out = tmp_path / "weights" / "methods" / "flashface"
+    entry = train_method("flashface", out, tmp_path / "work", plan="smoke", progress=False, command="smoke",
+                         measure=False)  # fmt: skip
+    assert (out / "model_index.json").is_file() and entry["command"] == "smoke"
+    assert json.loads((tmp_path / "work" / "data.json").read_text())["seconds"] >= 0  # the data step's record
+    pipe = registry.load_pipeline("flashface", str(out))
+    assert type(pipe).__name__ == "FlashFacePipeline"

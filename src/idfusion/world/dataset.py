@@ -29,7 +29,7 @@ from .attributes import is_heldout, sample_attributes
 from .identity import identity_name
 from .renderer import Render, render, render_scene
 
-__all__ = ["write_dataset", "image_seed_for", "METADATA_FILE"]
+__all__ = ["write_dataset", "image_seed_for", "training_set", "METADATA_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +143,33 @@ def write_dataset(
     atomic_write_bytes(metadata, "".join(json.dumps(r) + "\n" for r in records).encode())
     logger.info("wrote %d records to %s", len(records), metadata)
     return metadata
+
+
+def training_set(
+    folder: Path, identities: int, images_per_identity: int, *, scenes: int = 0, seed: int = 0, progress: bool = True
+) -> tuple[Path, float]:
+    """The world training scripts' data: the first ``identities`` training identities, held-out caption combinations
+    left out, written once into ``folder`` and reused by a re-run. Returns the metadata path and the seconds the
+    writing took (recorded beside the folder, so a resumed run reports the first run's time)."""
+    import time
+
+    from .identity import TRAIN_IDENTITIES
+
+    folder = Path(folder)
+    metadata, record = folder / METADATA_FILE, folder.parent / "data.json"
+    if metadata.is_file():
+        return metadata, json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
+    start = time.time()
+    write_dataset(
+        folder,
+        TRAIN_IDENTITIES[:identities],
+        images_per_identity,
+        scenes=scenes,
+        seed=seed,
+        overwrite=True,  # a partial folder from an interrupted run (no metadata yet)
+        progress=progress,
+        exclude_heldout=True,
+    )
+    seconds = round(time.time() - start, 1)
+    record.write_text(json.dumps({"seconds": seconds}))
+    return metadata, seconds

@@ -224,29 +224,6 @@ def _run_stage(plan: BasePlan, stage: str, data: Path, work: Path, seed: int, pr
     return result
 
 
-def _write_data(plan: BasePlan, folder: Path, seed: int, progress: bool) -> tuple[Path, float]:
-    from .dataset import METADATA_FILE, write_dataset
-    from .identity import TRAIN_IDENTITIES
-
-    metadata, record = folder / METADATA_FILE, folder.parent / "data.json"
-    if metadata.is_file():
-        return metadata, json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
-    start = time.time()
-    write_dataset(
-        folder,
-        TRAIN_IDENTITIES[: plan.identities],
-        plan.images_per_identity,
-        scenes=plan.scenes,
-        seed=seed,
-        overwrite=True,  # a partial folder from an interrupted run (no metadata yet)
-        progress=progress,
-        exclude_heldout=True,
-    )
-    seconds = round(time.time() - start, 1)
-    record.write_text(json.dumps({"seconds": seconds}))
-    return metadata, seconds
-
-
 def _copy_model(model: Path, out: Path) -> None:
     from ..training.checkpoints import replace_dir
 
@@ -328,7 +305,16 @@ def train_base(
     """
     chosen = PLANS[plan]
     work.mkdir(parents=True, exist_ok=True)
-    data, data_seconds = _write_data(chosen, work / "data", seed, progress)
+    from .dataset import training_set
+
+    data, data_seconds = training_set(
+        work / "data",
+        chosen.identities,
+        chosen.images_per_identity,
+        scenes=chosen.scenes,
+        seed=seed,
+        progress=progress,
+    )
     vae = _run_stage(chosen, "vae", data, work, seed, None)
     _set_zero_snr_scheduler(work / "vae" / "model")
     unet = _run_stage(chosen, "unet", data, work, seed, work / "vae" / "model")

@@ -113,28 +113,6 @@ PLANS: dict[str, dict[str, MethodPlan]] = {
 }
 
 
-def _write_data(plan: MethodPlan, folder: Path, seed: int, progress: bool) -> tuple[Path, float]:
-    from .dataset import METADATA_FILE, write_dataset
-    from .identity import TRAIN_IDENTITIES
-
-    metadata, record = folder / METADATA_FILE, folder.parent / "data.json"
-    if metadata.is_file():
-        return metadata, json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
-    start = time.time()
-    write_dataset(
-        folder,
-        TRAIN_IDENTITIES[: plan.identities],
-        plan.images_per_identity,
-        seed=seed,
-        overwrite=True,  # a partial folder from an interrupted run (no metadata yet)
-        progress=progress,
-        exclude_heldout=True,
-    )
-    seconds = round(time.time() - start, 1)
-    record.write_text(json.dumps({"seconds": seconds}))
-    return metadata, seconds
-
-
 def _document(plan: MethodPlan, data: Path, run: Path, base: Path, seed: int) -> dict[str, Any]:
     return {
         "output_dir": str(run),
@@ -290,6 +268,7 @@ def train_method(
     """
     from ..training import load_config, train
     from .base import base_model_dir
+    from .dataset import training_set
     from .evaluate_methods import CHECK, EVAL, evaluate_method
 
     if method not in PLANS:
@@ -297,7 +276,9 @@ def train_method(
     chosen = PLANS[method][plan]
     base_dir = base_model_dir(base).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data, data_seconds = _write_data(chosen, work / "data", seed, progress)
+    data, data_seconds = training_set(
+        work / "data", chosen.identities, chosen.images_per_identity, seed=seed, progress=progress
+    )
     run = work / "run"
     record = run / "run.json"  # wall time and loss of the finished run, for the manifest of a later rerun
     if (run / "model" / "model_index.json").is_file() and record.is_file():
