@@ -173,3 +173,11 @@ def test_an_ldm_named_unet_only_kohya_lora_loads_through_loras(tmp_path, tiny_re
 
     with pytest.raises(LoraFileError, match="bad.safetensors: not a readable LoRA file"):
         pipe(**kwargs, loras=[(str(bad), 1.0)])
+
+
+def test_python_dash_m_idfusion_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "idfusion", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("idfusion ")
