@@ -124,7 +124,7 @@ NEEDED = {
 
 #: Where a pipeline's own first-use download fetches less than its loader reads (a pipeline bug, reported):
 #: ``idfusion download`` fetches more there, so exact pattern equality is not expected.
-PIPELINE_FETCHES_TOO_LITTLE = {("open-flashface", "IntellectGen/FlashFace")}
+PIPELINE_FETCHES_TOO_LITTLE: set[tuple[str, str]] = set()  # none left (open FlashFace fetched only configs)
 
 METHODS = [spec.name for spec in registry.methods() if spec.downloads]
 REAL_RESOLVE = hub.resolve_model_folder

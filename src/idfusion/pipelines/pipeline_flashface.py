@@ -259,14 +259,16 @@ class FlashFacePipeline(IdentityPipeline):
         local = Path(source).expanduser()
         found = _read_release(local) if local.is_dir() else None
         if found is None:
-            required = (
-                ckpt.OFFICIAL_FILES
-                if release_name == OFFICIAL.name
-                else ("model_index.json", "unet/config.json", "refnet/config.json", "vae/config.json")
-            )
+            required, patterns = ckpt.OFFICIAL_FILES, None
+            if release_name != OFFICIAL.name:  # a diffusers folder: the registry's download data says what to fetch
+                from ..registry import get_method
+
+                download = get_method(release_name).downloads[0]
+                required, patterns = download.required, download.allow_patterns
             folder = resolve_model_folder(
-                source, required=required, what=f"FlashFace ({release_name})", local_files_only=local_files_only
-            )
+                source, required=required, what=f"FlashFace ({release_name})", local_files_only=local_files_only,
+                allow_patterns=patterns,
+            )  # fmt: skip
             found = _read_release(folder)
         else:
             folder = local
