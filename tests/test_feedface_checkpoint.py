@@ -193,18 +193,15 @@ def test_tiny_files_have_the_official_layout(base_dir: Path) -> None:
     assert torch.equal(caption["module.gpt.lm_head.weight"], caption["module.gpt.transformer.wte.weight"])
 
 
-@pytest.mark.parametrize(
-    ("file", "forward", "backward"),
-    [
-        (ckpt.UVIT_FILE, ckpt.convert_uvit_state_dict, ckpt.uvit_to_official_state_dict),
-        (ckpt.AUTOENCODER_FILE, ckpt.convert_autoencoder_state_dict, ckpt.autoencoder_to_official_state_dict),
-        (
-            ckpt.CAPTION_DECODER_FILE,
-            ckpt.convert_caption_decoder_state_dict,
-            ckpt.caption_decoder_to_official_state_dict,
-        ),
-    ],
-)
+#: each official file with its converter and the converter back
+ROUND_TRIPS = [
+    (ckpt.UVIT_FILE, ckpt.convert_uvit_state_dict, ckpt.uvit_to_official_state_dict),
+    (ckpt.AUTOENCODER_FILE, ckpt.convert_autoencoder_state_dict, ckpt.autoencoder_to_official_state_dict),
+    (ckpt.CAPTION_DECODER_FILE, ckpt.convert_caption_decoder_state_dict, ckpt.caption_decoder_to_official_state_dict),
+]
+
+
+@pytest.mark.parametrize(("file", "forward", "backward"), ROUND_TRIPS)
 def test_official_to_diffusers_to_official_is_exact(base_dir: Path, file: str, forward, backward) -> None:
     official = load(base_dir / file)
     again = backward(forward(official))
@@ -213,18 +210,7 @@ def test_official_to_diffusers_to_official_is_exact(base_dir: Path, file: str, f
         assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
 
 
-@pytest.mark.parametrize(
-    ("file", "forward", "backward"),
-    [
-        (ckpt.UVIT_FILE, ckpt.convert_uvit_state_dict, ckpt.uvit_to_official_state_dict),
-        (ckpt.AUTOENCODER_FILE, ckpt.convert_autoencoder_state_dict, ckpt.autoencoder_to_official_state_dict),
-        (
-            ckpt.CAPTION_DECODER_FILE,
-            ckpt.convert_caption_decoder_state_dict,
-            ckpt.caption_decoder_to_official_state_dict,
-        ),
-    ],
-)
+@pytest.mark.parametrize(("file", "forward", "backward"), ROUND_TRIPS)
 def test_diffusers_to_official_to_diffusers_is_exact(base_dir: Path, file: str, forward, backward) -> None:
     model = forward(load(base_dir / file))
     again = forward(backward(model))

@@ -15,24 +15,14 @@ from idfusion.training.config import load_config
 from idfusion.training.core import train
 from idfusion.training.logs import read_metrics
 from idfusion.training.recipes.flashface import FlashFaceDataset, FlashFaceRecipe, _collate
-from test_training_core import SimulatedCrash, max_difference, reset_accelerate
-
-QUIET_LOGS = {"tensorboard": False, "plot": False, "validate_at_end": False}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_training_core import (  # the training core's autouse fixtures apply here too
+    QUIET_LOGS,
+    SimulatedCrash,
+    fresh_accelerate_state,  # noqa: F401
+    max_difference,
+    one_thread,  # noqa: F401
+    reset_accelerate,
+)
 
 
 @pytest.fixture(scope="module")

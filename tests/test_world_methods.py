@@ -8,17 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from idfusion.world import Attributes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_training_core import one_thread  # noqa: F401 - one torch thread (autouse), as the training tests run
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

@@ -349,12 +349,12 @@ def train_base(
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idfusion.world.train_base", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="the pipeline folder to write (replaced)")
+def script_parser(prog: str, description: str, out_help: str) -> argparse.ArgumentParser:
+    """The options every world training script takes (``--out``, ``--work``, ``--seed``, ``--threads``, ...)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
     parser.add_argument("--work", type=Path, required=True, help="folder for the data, runs and checkpoints")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plan", choices=sorted(PLANS), default="full")
     parser.add_argument(
         "--threads",
         type=int,
@@ -363,13 +363,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-measure", action="store_true", help="skip the evaluation (not for shipped weights)")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def script_start(args: argparse.Namespace, prog: str, argv: list[str] | None) -> str:
+    """Logging and torch threads for a world training script; returns its command line as the manifest records it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
     words = argv if argv is not None else sys.argv[1:]
-    command = "python -m idfusion.world.train_base " + " ".join(shlex.quote(a) for a in words)
+    return f"{prog} " + " ".join(shlex.quote(a) for a in words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    prog = "python -m idfusion.world.train_base"
+    parser = script_parser(prog, __doc__.split("\n")[0], "the pipeline folder to write (replaced)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full")
+    args = parser.parse_args(argv)
+    command = script_start(args, prog, argv)
     entry = train_base(
         args.out.resolve(),
         args.work.resolve(),

@@ -21,11 +21,9 @@ A method plugs in with a :data:`PLANS` entry (its recipe must save a folder its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -322,30 +320,17 @@ def train_method(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m idfusion.world.train_method", description=__doc__.split("\n")[0])
+    from .train_base import script_parser, script_start
+
+    prog = "python -m idfusion.world.train_method"
+    parser = script_parser(prog, __doc__.split("\n")[0], "the method's world weights folder (replaced)")
     parser.add_argument("--method", required=True, choices=sorted(PLANS))
-    parser.add_argument("--out", type=Path, required=True, help="the method's world weights folder (replaced)")
-    parser.add_argument("--work", type=Path, required=True, help="folder for the data, run and checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plan", default="full", help="full (default) or smoke")
     parser.add_argument("--base", type=Path, help="the world base model folder (default: the shipped one)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: on a shared 2-core machine two threads oversubscribe and run slower)",
-    )
-    parser.add_argument("--no-measure", action="store_true", help="skip the evaluation (not for shipped weights)")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.plan not in PLANS[args.method]:
         parser.error(f"--plan: {args.method} has plans {', '.join(PLANS[args.method])}")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    words = argv if argv is not None else sys.argv[1:]
-    command = "python -m idfusion.world.train_method " + " ".join(shlex.quote(a) for a in words)
+    command = script_start(args, prog, argv)
     entry = train_method(
         args.method,
         args.out.resolve(),
