@@ -6,7 +6,7 @@
 1. writes a world training set of training identities only (:data:`~idfusion.world.identity.TRAIN_IDENTITIES`,
    held-out attribute combinations left out, as for the base model) with :func:`~idfusion.world.write_dataset`;
    its records carry the identity's other renders as references;
-2. trains the method's recipe (:data:`PLANS`: recipe name, sizes, schedule, recipe options) with the shared loop
+2. trains the method's recipe (its plan in :mod:`idfusion.world.plans`: recipe name, sizes, schedule, recipe options) with the shared loop
    (:func:`idfusion.training.train`), starting from the shipped world base model; an interrupted run resumes from
    its last checkpoint when the command is run again;
 3. copies the saved pipeline folder to ``--out`` (``weights/methods/<method>/``, where ``idfusion demo`` finds it).
@@ -16,22 +16,26 @@
    command, seed, wall times, sha256 of every file and the metrics in ``weights/MANIFEST.json`` under
    ``methods.<method>``.
 
-A method plugs in with a :data:`PLANS` entry (its recipe must save a folder its pipeline loads).
+A method plugs in with a plan module in :mod:`idfusion.world.plans` (its recipe must save a folder its pipeline loads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ACCEPTANCE_MARGIN", "MethodPlan", "PLANS", "train_method", "record_metrics", "main"]
+from .plans import MethodPlan, planned_methods, plans_for
+
+__all__ = ["ACCEPTANCE_MARGIN", "train_method", "record_metrics", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,74 +45,6 @@ METHODS_KEY = "methods"
 #: (different identity, base model) in the acceptance run; chosen from the observed run (see the manifest entry).
 ACCEPTANCE_MARGIN = 0.1
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """One method's world training: data sizes, the recipe and its schedule."""
-
-    recipe: str
-    identities: int  # the first this many training identities
-    images_per_identity: int
-    steps: int
-    batch: int
-    learning_rate: float
-    warmup: int
-    ema_decay: float | None
-    recipe_options: dict[str, Any] = field(default_factory=dict)  # the recipe section, besides name and pretrained
-    resolution: int = 64
-    checkpoint_every: int = 250
-    validate: bool = True
-
-
-_FLASHFACE_OPTIONS = {
-    # a world face is ~28 px wide in a 64 px image: a 32 px reference crop keeps the official ratio of reference
-    # tokens to the face's tokens in the image (224 px references beside 768 px images)
-    "reference_size": 32,
-    # the release's copy of attn1 would start every reference block at x + 2 attn1(y); halving both outputs starts
-    # exactly at the base model with the references already read (pilots: no measurable identity after 100-150
-    # steps with a zero-initialised output)
-    "reference_attention_init": "split",
-    # pilots on 500 identities: with the plain loss the references barely changed it (identity is a small part of
-    # the image); face cells weighted 5x and a 4x faster reference pathway made them matter within 100 steps
-    "face_loss_weight": 4.0,
-    "reference_lr_scale": 4.0,
-    "sampling": {"num_inference_steps": 20, "guidance_scale": 4.0},  # the world base's sampling defaults
-    "validation_inference_steps": 20,
-}
-
-PLANS: dict[str, dict[str, MethodPlan]] = {
-    "flashface": {
-        # ~35 min on one (shared) core: 550 steps x 32 samples at ~10-20 samples/s, data ~2 min, measuring ~5 min
-        "full": MethodPlan(
-            recipe="flashface",
-            identities=1500,
-            images_per_identity=6,
-            steps=550,
-            batch=32,
-            learning_rate=1e-4,
-            warmup=30,
-            # the base model's weights are an EMA; fine-tuning raw weights at this rate raised the held-back loss in
-            # a pilot, an EMA over the last ~200 steps keeps the denoiser smooth
-            ema_decay=0.995,
-            recipe_options=_FLASHFACE_OPTIONS,
-            checkpoint_every=100,
-        ),
-        "smoke": MethodPlan(
-            recipe="flashface",
-            identities=4,
-            images_per_identity=3,
-            steps=2,
-            batch=2,
-            learning_rate=1e-4,
-            warmup=0,
-            ema_decay=None,
-            recipe_options={**_FLASHFACE_OPTIONS, "validation_inference_steps": 2},
-            checkpoint_every=1,
-            validate=False,
-        ),
-    },
-}
 
 
 def _document(plan: MethodPlan, data: Path, run: Path, base: Path, seed: int) -> dict[str, Any]:
@@ -193,6 +129,20 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
+@contextlib.contextmanager
+def _manifest_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of the manifest: several methods may train and record at once,
+    and a write from one must not drop another's entry."""
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def acceptance(metrics: dict[str, Any], margin: float = ACCEPTANCE_MARGIN) -> dict[str, Any]:
     """Whether the method beats both baselines by ``margin`` (mean SimTarget), with the observed numbers."""
     gaps = metrics["gaps"]
@@ -213,11 +163,12 @@ def record_metrics(method: str, metrics: dict[str, Any], command: str, weights: 
     from .backends import weights_dir
 
     path = Path(weights or weights_dir()) / MANIFEST
-    manifest = json.loads(path.read_text())
-    entry = manifest.setdefault(METHODS_KEY, {}).setdefault(method, {})
-    entry["metrics"], entry["metrics_command"] = metrics, command
-    entry["acceptance"] = acceptance(metrics)
-    _write_manifest(path, manifest)
+    with _manifest_lock(path):
+        manifest = json.loads(path.read_text())
+        entry = manifest.setdefault(METHODS_KEY, {}).setdefault(method, {})
+        entry["metrics"], entry["metrics_command"] = metrics, command
+        entry["acceptance"] = acceptance(metrics)
+        _write_manifest(path, manifest)
     return path
 
 
@@ -225,19 +176,22 @@ def _record(out: Path, method: str, entry: dict[str, Any], command: str, seed: i
     from ..outputs import file_sha256
 
     path = _manifest_path(out)
-    manifest = json.loads(path.read_text()) if path.is_file() else {"files": {}}
     root = path.parent
     prefix = f"{out.relative_to(root).as_posix()}/"
-    manifest["files"] = {k: v for k, v in manifest.get("files", {}).items() if not k.startswith(prefix)}
-    for file in sorted(p for p in out.rglob("*") if p.is_file()):
-        manifest["files"][file.relative_to(root).as_posix()] = {
+    files = {
+        file.relative_to(root).as_posix(): {
             "sha256": file_sha256(file),
             "bytes": file.stat().st_size,
             "command": command,
             "seed": seed,
         }
-    manifest.setdefault(METHODS_KEY, {})[method] = entry
-    _write_manifest(path, manifest)
+        for file in sorted(p for p in out.rglob("*") if p.is_file())
+    }
+    with _manifest_lock(path):
+        manifest = json.loads(path.read_text()) if path.is_file() else {"files": {}}
+        manifest["files"] = {k: v for k, v in manifest.get("files", {}).items() if not k.startswith(prefix)} | files
+        manifest.setdefault(METHODS_KEY, {})[method] = entry
+        _write_manifest(path, manifest)
     return path
 
 
@@ -269,9 +223,7 @@ def train_method(
     from .dataset import training_set
     from .evaluate_methods import CHECK, EVAL, evaluate_method
 
-    if method not in PLANS:
-        raise ValueError(f"no world training plan for {method!r}; planned: {', '.join(PLANS)}")
-    chosen = PLANS[method][plan]
+    chosen = plans_for(method)[plan]
     base_dir = base_model_dir(base).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data, data_seconds = training_set(
@@ -324,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = "python -m idfusion.world.train_method"
     parser = script_parser(prog, __doc__.split("\n")[0], "the method's world weights folder (replaced)")
-    parser.add_argument("--method", required=True, choices=sorted(PLANS))
+    parser.add_argument("--method", required=True, choices=planned_methods())
     parser.add_argument("--plan", default="full", help="full (default) or smoke")
     parser.add_argument("--base", type=Path, help="the world base model folder (default: the shipped one)")
     args = parser.parse_args(argv)
-    if args.plan not in PLANS[args.method]:
-        parser.error(f"--plan: {args.method} has plans {', '.join(PLANS[args.method])}")
+    if args.plan not in plans_for(args.method):
+        parser.error(f"--plan: {args.method} has plans {', '.join(plans_for(args.method))}")
     command = script_start(args, prog, argv)
     entry = train_method(
         args.method,
