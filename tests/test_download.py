@@ -573,3 +573,18 @@ def test_not_found_messages_name_the_download_command(monkeypatch):
     with pytest.raises(ModelFilesError) as raised:  # no method fetches it: no command named
         hub.resolve_model_folder("owner/other", required=["a.bin"], what="X")
     assert "`idfusion download" not in str(raised.value)
+
+
+def test_is_present_checks_every_required_alternative(tmp_path):
+    from idfusion.hub import DownloadSource, PlannedDownload, is_present
+
+    source = DownloadSource("owner/name", "part", required=("a.safetensors|a.bin", "sub/b.json"), default="folder")
+    planned = PlannedDownload(source, tmp_path / "m", cached=False)
+    assert not is_present(planned)  # no folder
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "a.bin").write_bytes(b"x")
+    assert not is_present(planned)  # sub/b.json missing
+    (tmp_path / "m" / "sub" / "b.json").write_text("{}")
+    assert is_present(planned)  # a.bin stands for a.safetensors|a.bin
+    patterns_only = DownloadSource("owner/name", "part", allow_patterns=("*.json",), default="folder")
+    assert not is_present(PlannedDownload(patterns_only, tmp_path / "m", cached=False))  # nothing to check against

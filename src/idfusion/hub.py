@@ -33,6 +33,7 @@ __all__ = [
     "DownloadError",
     "PlannedDownload",
     "plan_downloads",
+    "is_present",
     "check_download_clients",
     "fetch",
 ]
@@ -454,6 +455,17 @@ def plan_downloads(sources: Sequence[DownloadSource], out: str | os.PathLike | N
         plan = PlannedDownload(source, destination.absolute(), cached)
         planned.setdefault(plan.key, plan)
     return list(planned.values())
+
+
+def is_present(planned: PlannedDownload) -> bool:
+    """Whether every required file of ``planned`` is on this machine, in the Hugging Face cache or its folder;
+    False when the source names no required files (nothing to check it against). Never touches the network."""
+    required = _parse_required(planned.source.required) if planned.source.required else []
+    if not required:
+        return False
+    if planned.cached:
+        return _from_cache(planned.source.repo_id, required, planned.source.revision, hf_cache_dir()) is not None
+    return planned.destination.is_dir() and not _missing(planned.destination, required)
 
 
 def _modelscope_missing(plan: PlannedDownload) -> DownloadError:

@@ -38,6 +38,7 @@ __all__ = [
     "GenerationJob",
     "PipelineCache",
     "check_job",
+    "check_limits",
     "given",
     "given_options",
     "resolve_device",
@@ -150,7 +151,8 @@ class GenerationJob:
 LIMITS = {"steps": 1000, "width": 4096, "height": 4096, "num_images": 64}
 
 
-def _check_limits(job: GenerationJob) -> None:
+def check_limits(job: GenerationJob) -> None:
+    """Refuse sizes that are not multiples of 8 and, unless ``job.allow_large``, values above :data:`LIMITS`."""
     for name in ("width", "height"):
         value = job.options.get(name)
         if given(value) and value % 8:
@@ -177,7 +179,7 @@ def check_job(job: GenerationJob) -> None:
     from .registry import methods, options_by_flag
 
     spec = job.spec
-    _check_limits(job)
+    check_limits(job)
     allowed = {o.flag for o in spec.all_options()}
     titles = {s.name: s.title for s in methods()}
     refused = [

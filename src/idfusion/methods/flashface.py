@@ -24,6 +24,7 @@ processors (:func:`attach_reference_processors`); the UNets' own modules are nev
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "REFERENCE_BLOCKS",
@@ -279,15 +282,37 @@ def _attention_with_lse(q, k, v, bias=None):
     """SDPA that also returns each query's log-sum-exp of logits, ``(B, heads, Lq)``; ``None`` where unavailable.
 
     With two such results over disjoint key sets, the attention over their union is the LSE-weighted mix of the two
-    (the split used by flash attention), so the official ``ref(y, [y; R])`` needs no second pass over ``y``.
+    (the split used by flash attention), so the official ``ref(y, [y; R])`` needs no second pass over ``y``. The
+    public ``F.scaled_dot_product_attention`` does not return the log-sum-exp, so the backend kernels that compute it
+    anyway are called: the CPU flash kernel, and on CUDA the memory-efficient kernel (any dtype, takes a bias).
     """
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or q.device.type != "cpu":
-        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return None  # training: the op's log-sum-exp output has no gradient, so the mix's would be wrong
-    out, lse = op(q, k, v, attn_mask=bias)[:2]
-    return out, lse
+        return None  # training: the kernels' log-sum-exp output has no gradient, so the mix's would be wrong
+    if q.device.type == "cpu":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if op is None:
+            return None
+        out, lse = op(q, k, v, attn_mask=bias)[:2]
+        return out, lse
+    if q.device.type == "cuda":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+        if op is None:
+            return None
+        if bias is not None:
+            # as torch's own SDPA hands the kernel a bias: its last dim padded to a 16-element stride (an alignment
+            # the kernel needs), then broadcast to the logits' shape by strides (no copy of B x heads x Lq x Lk)
+            keys = bias.shape[-1]
+            padded = F.pad(bias.to(q.dtype), (0, -keys % 16))[..., :keys]
+            bias = padded.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            out, lse = op(q, k, v, bias, True)[:2]
+        except RuntimeError:  # a shape/dtype/arch the kernel does not take: the direct computation instead
+            logger.debug(
+                "memory-efficient SDPA unavailable for %s %s; FlashFace uses the direct attention", q.shape, q.dtype
+            )
+            return None
+        return out, lse[..., : q.shape[2]]  # the kernel pads the query length of its log-sum-exp
+    return None
 
 
 class ReferenceReadProcessor:

@@ -14,7 +14,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import __version__
-from ..jobs import LIMITS, GenerationJob, JobCancelled, JobError, LoadSettings, PipelineCache, given, resolve_device
+from ..jobs import (
+    GenerationJob,
+    JobCancelled,
+    JobError,
+    LoadSettings,
+    PipelineCache,
+    check_limits,
+    given,
+    resolve_device,
+)
 from ..registry import methods, options_by_flag
 from .catalogue import BASELINE_SPEC
 
@@ -37,14 +46,7 @@ def check_baseline(job: GenerationJob) -> None:
         raise JobError(f"{', '.join(refused)}: not options of the {BASELINE_SPEC.title} (it reads the prompt only)")
     if job.face_weights or job.template is not None or job.id_embeds is not None:
         raise JobError(f"the {BASELINE_SPEC.title} takes no identity: no face weights, templates or embeddings")
-    for name in ("width", "height"):
-        value = job.options.get(name)
-        if given(value) and value % 8:
-            raise JobError(f"--{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-    sizes = {**{k: job.options.get(k) for k in ("steps", "width", "height")}, "num_images": job.num_images}
-    for name, limit in LIMITS.items():
-        if given(sizes[name]) and sizes[name] > limit:
-            raise JobError(f"--{name.replace('_', '-')} {sizes[name]} is above the limit of {limit}")
+    check_limits(job)
 
 
 def load_baseline(spec: Any, model: str | None, settings: LoadSettings, load_options: Mapping[str, Any] | None = None):

@@ -351,19 +351,10 @@ def official_model(spec: MethodSpec) -> tuple[bool, str | None]:
     """``(present, model)``: whether every part of ``spec``'s official files is on this machine (in the Hugging Face
     cache or the folders ``idfusion download`` fills), and the ``model`` to load it with. Never touches the network.
     """
-    from ..hub import HF_CACHE, _from_cache, _missing, _parse_required, hf_cache_dir, plan_downloads
+    from ..hub import HF_CACHE, is_present, plan_downloads
 
-    if not spec.downloads:
+    if not spec.downloads or not all(is_present(plan) for plan in plan_downloads(spec.downloads)):
         return False, None
-    for plan in plan_downloads(spec.downloads):
-        required = _parse_required(plan.source.required) if plan.source.required else []
-        if not required:
-            return False, None  # nothing to check the part against: do not claim it is there
-        if plan.cached:
-            if _from_cache(plan.source.repo_id, required, plan.source.revision, hf_cache_dir()) is None:
-                return False, None
-        elif not plan.destination.is_dir() or _missing(plan.destination, required):
-            return False, None
     release = plan_downloads(spec.downloads[:1])[0]
     return True, (None if release.source.default == HF_CACHE else str(release.destination))
 
