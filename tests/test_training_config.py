@@ -119,6 +119,13 @@ def test_recipe_registry_is_lazy_strings():
         load_recipe("idfusion.training.config:RunConfig")
 
 
+def test_a_recipe_outside_the_registry_is_named_by_its_module(shapes):
+    target = "idfusion.training.recipes.text_to_image:TextToImageRecipe"
+    config = load_config(document={**base_document(shapes), "recipe": {"name": target}})
+    assert config.recipe.name == target and load_recipe(config.recipe.name).name == "text-to-image"
+    assert load_config(document=base_document(shapes)).recipe.name == "text-to-image"
+
+
 def test_default_document_is_a_complete_template():
     document = default_document("text-to-image")
     assert document["recipe"]["name"] == "text-to-image"

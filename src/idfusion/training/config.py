@@ -478,7 +478,8 @@ def load_config(
     for key, value in overrides.items():
         _set_dotted(merged, key, value)
     merged.setdefault("recipe", {})
-    merged["recipe"] = {**merged["recipe"], "name": recipe_cls.name}
+    # a registered name is normalised to the recipe's own; a "module:Class" string is kept, since it is what loads it
+    merged["recipe"] = {**merged["recipe"], "name": name if ":" in name else recipe_cls.name}
     cli_keys = set(overrides)
     if output_dir is not None:
         merged["output_dir"] = str(output_dir)
