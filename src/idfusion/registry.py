@@ -480,6 +480,7 @@ register_method(
         tiny="idfusion.testing.make_tiny:write_adaface",
         converter="idfusion.methods.adaface:convert_adaface_checkpoint",
         downloads=_ADAFACE_DOWNLOADS,
+        recipe="adaface",
     )
 )
 register_method(

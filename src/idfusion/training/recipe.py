@@ -59,6 +59,9 @@ __all__ = ["RECIPES", "Recipe", "RecipeConfig", "UnknownRecipeError", "load_reci
 RECIPES: dict[str, str] = {
     "text-to-image": "idfusion.training.recipes.text_to_image:TextToImageRecipe",
     "flashface": "idfusion.training.recipes.flashface:FlashFaceRecipe",
+    "adaface": "idfusion.training.recipes.adaface:AdaFaceRecipe",
+    "adaface-distill": "idfusion.training.recipes.adaface:AdaFaceDistillRecipe",
+    "adaface-composition": "idfusion.training.recipes.adaface:AdaFaceCompositionRecipe",
 }
 
 
