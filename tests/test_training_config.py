@@ -327,6 +327,7 @@ def test_cli_method_picks_the_registry_recipe(monkeypatch, capsys):
     from idfusion import registry
     from idfusion.cli.main import main
 
+    monkeypatch.setitem(registry._METHODS, "arc2face", replace(registry.get_method("arc2face"), recipe=None))
     assert main(["train", "--method", "arc2face", "--print-config"]) == 1
     assert "--method arc2face: Arc2Face has no training recipe yet" in capsys.readouterr().err
     spec = replace(registry.get_method("arc2face"), recipe="text-to-image")
