@@ -140,10 +140,6 @@ class DataConfig:
     num_workers: int = setting(0, check=non_negative)  # DataLoader worker processes
     check_files: bool = True  # check that every image/reference/mask file exists while reading the jsonl
 
-    def __post_init__(self) -> None:
-        if not self.train:
-            raise ConfigFieldError("train", "missing: give at least one JSON-lines file")
-
 
 @dataclass
 class TrainConfig:
@@ -491,6 +487,8 @@ def load_config(
     recipe_section = _convert(merged.pop("recipe"), recipe_cls.config_class, "recipe", context)
     merged["recipe"] = {}  # placeholder for the generic pass; the typed section replaces it
     config = _convert(merged, RunConfig, "", context)
+    if not config.data.train and recipe_cls.needs_data_train(recipe_section):
+        raise ConfigError("data.train: missing: give at least one JSON-lines file")
     return dataclasses.replace(config, recipe=recipe_section)
 
 

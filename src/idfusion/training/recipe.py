@@ -62,6 +62,7 @@ RECIPES: dict[str, str] = {
     "adaface": "idfusion.training.recipes.adaface:AdaFaceRecipe",
     "adaface-distill": "idfusion.training.recipes.adaface:AdaFaceDistillRecipe",
     "adaface-composition": "idfusion.training.recipes.adaface:AdaFaceCompositionRecipe",
+    "style-lora": "idfusion.training.recipes.style_lora:StyleLoraRecipe",
 }
 
 
@@ -121,6 +122,12 @@ class Recipe:
         """Defaults for the shared sections that suit this recipe (``{"train": {"learning_rate": ...}}``); the YAML
         file and ``--set`` override them."""
         return {}
+
+    @classmethod
+    def needs_data_train(cls, options: Any) -> bool:
+        """Whether a run needs ``data.train`` records; a recipe whose section (``options``) names its own input, such
+        as a folder of images, returns False when it does."""
+        return True
 
     # -- what the core calls -------------------------------------------------------------------------------------
 
