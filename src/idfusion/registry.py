@@ -566,6 +566,7 @@ register_method(
         tiny="idfusion.testing.tiny_fact:write_fact",
         bench="idfusion.bench:FACT",
         downloads=_FACT_DOWNLOADS,
+        recipe="fact",
     )
 )
 register_method(

@@ -69,6 +69,67 @@ PROMPT_WORDINGS = ("release", "idfusion")
 DEFAULT_LORA_MODES = ("auto", "on", "off")
 STYLE_BASE_MODES = ("tie", "any")
 _UNSET = object()
+#: What a saved folder's ``settings`` (in ``model_index.json``) may set: the defaults of a model trained by idfusion
+#: (e.g. the synthetic world's FACT) where they differ from the release's.
+SETTINGS = {
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "adapter_scale": float,  # the face adapter scale s
+    "negative_prompt": str,  # the negative text ("": the empty prompt)
+    "default_lora": str,  # the release's default style LoRA: auto / on / off
+    "base_model": str,  # a saved folder without some of BASE_COMPONENTS loads them from this SD1.5 folder
+}
+#: The components a saved folder may take from its ``base_model`` (frozen in FACT training, so equal to the base's).
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet")
+
+
+def _check_settings(settings: dict) -> dict:
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown FACT settings {unknown}; known: {', '.join(SETTINGS)}")
+    for key, value in settings.items():
+        kind = SETTINGS[key]
+        number = kind in (int, float) and not isinstance(value, bool)
+        if kind is float and number and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind in (int, float) and not (number and np.isfinite(value))):
+            raise ValueError(f"FACT setting {key!r} must be a {kind.__name__}, got {value!r}")
+    if settings.get("default_lora", "auto") not in DEFAULT_LORA_MODES:
+        raise ValueError(f"FACT setting 'default_lora' must be one of {', '.join(DEFAULT_LORA_MODES)}")
+    return dict(settings)
+
+
+def _import_idfusion_components(config: dict) -> None:
+    """Import the idfusion modules whose classes a saved folder names (diffusers loads only from imported modules),
+    e.g. the world's face encoder; other libraries are left to diffusers."""
+    import importlib
+
+    for value in config.values():
+        if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("idfusion."):
+            importlib.import_module(value[0])
+
+
+def _base_components(folder: Path, config: dict, torch_dtype: torch.dtype | None) -> dict:
+    """The components a saved folder leaves to its ``base_model`` setting (a path, relative to the folder)."""
+    import importlib
+
+    missing = [name for name in BASE_COMPONENTS if config.get(name) and not (folder / name).is_dir()]
+    if not missing:
+        return {}
+    base = (config.get("settings") or {}).get("base_model")
+    if not base:
+        raise ModelFilesError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
+    base_dir = (folder / base).resolve()
+    parts = {}
+    for name in missing:
+        if not (base_dir / name).is_dir():
+            raise ModelFilesError(f"{folder}: its base_model {base_dir} has no {name}/")
+        library, class_name = config[name]
+        loader = getattr(importlib.import_module(library), class_name)
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
+        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
+    return parts
+
 
 EXAMPLE = """
     >>> import torch
@@ -127,6 +188,10 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
     - templates inpaint with [OpenPose, Canny] at [1.0, 0.2] when both ControlNets are loaded
       (:meth:`template_controls`, ``controlnet_conditioning_scale``).
 
+    A folder saved by idfusion's ``fact`` training recipe may carry ``settings`` (:data:`SETTINGS`: sampling steps,
+    guidance, adapter scale, negative prompt, default LoRA) that replace the release's call defaults, and may take
+    its frozen components (VAE, text encoder, tokenizer, UNet) from a ``base_model`` folder (the synthetic world's).
+
     What differs from the release (no option brings the release's behaviour back):
 
     - no FairFace gender/age prompt prefix (the subject is "a person" unless the prompt says who), and no ", children"
@@ -159,12 +224,14 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         face_adapter=None,
         controlnet=None,
         canny_controlnet=None,
+        settings: dict | None = None,
     ):
         super().__init__()
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             face_encoder=face_encoder, face_adapter=None, controlnet=None, canny_controlnet=None,
         )  # fmt: skip
+        self.register_to_config(settings=_check_settings(settings) if settings else None)
         self._adapter_handle = None
         self.pose_preprocessor = None
         #: the release's default style LoRA file: a path, ``None`` (absent) or not looked for yet
@@ -226,10 +293,16 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         if (local / "model_index.json").is_file():  # saved by save_pretrained
             import json
 
-            pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **kwargs)
+            config = json.loads((local / "model_index.json").read_text(encoding="utf-8"))
+            _import_idfusion_components(config)
+            shared = {k: v for k, v in _base_components(local, config, torch_dtype).items() if k not in kwargs}
+            pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **shared, **kwargs)
             saved = local / SAVED_INFO_FILE
             info = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
             pipe.model_info = {"model": str(pretrained_model_name_or_path), **info.get("model_info", {})}
+            if shared:
+                base = (local / config["settings"]["base_model"]).resolve()
+                pipe.model_info = {**pipe.model_info, "base_model": str(base)}
             pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
             pipe.pose_preprocessor = PosePreprocessor(pose_model_dir)
             if default_style_lora is None and saved.is_file():  # exactly what the saved pipeline used
@@ -317,6 +390,11 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         keep = {k: v for k, v in self.model_info.items() if k in ("adapter", "base_model")}
         info = {"model_info": keep, "default_style_lora": lora.name if lora is not None else None}
         (Path(save_directory) / SAVED_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    @property
+    def settings(self) -> dict:
+        """The saved folder's :data:`SETTINGS` (defaults that replace the release's), ``{}`` for the release."""
+        return dict(self.config.get("settings") or {})
 
     # ---- the release's default style LoRA ----------------------------------------------------------------------
 
@@ -532,7 +610,7 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         style: Any = None,
         style_weight: float | None = None,
         style_base: str = "tie",
-        default_lora: str = "auto",
+        default_lora: str | None = None,
         adapter_scale: float | None = None,
         pose_image: ImageInput | None = None,
         pose_mode: str = "auto",
@@ -572,8 +650,9 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
                 with that adapter) or ``"any"``.
             default_lora: the release's default style LoRA where the style brings none: ``"auto"`` (text-to-image
                 yes, as the release, with a warning when the file is absent; inpainting no), ``"on"`` (required),
-                ``"off"``.
-            adapter_scale: the face adapter scale ``s`` (0 = the base model; default 0.5, inpainting 0.55).
+                ``"off"``. Default: the folder's ``settings``, else ``"auto"``.
+            adapter_scale: the face adapter scale ``s`` (0 = the base model; default 0.5, inpainting 0.55, or the
+                folder's ``settings``).
             pose_image: a pose skeleton image, or a photo to estimate the pose from (needs DWPose models); drives
                 the OpenPose ControlNet.
             pose_mode: ``"auto"`` (tell skeletons from photos), ``"skeleton"`` or ``"photo"``.
@@ -594,7 +673,9 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         Returns:
             :class:`IdentityPipelineOutput` with images, per-image metadata and the reference crops.
         """
-        # 1. Check inputs and fill the release's defaults
+        # 1. Check inputs and fill the release's defaults (a saved folder's settings over them)
+        saved = self.settings
+        default_lora = saved.get("default_lora", "auto") if default_lora is None else default_lora
         inpainting = image is not None
         if inpainting != (mask_image is not None):
             raise ValueError("inpainting needs both image and mask_image")
@@ -615,7 +696,7 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             height, width = height or init.size[1] // 8 * 8, width or init.size[0] // 8 * 8
-        defaults = fact.INPAINT_DEFAULTS if inpainting else fact.DEFAULTS
+        defaults = {**(fact.INPAINT_DEFAULTS if inpainting else fact.DEFAULTS), **saved}
         settings = self.prepare_settings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             height=height, width=width, seed=seed, generator=generator, num_images_per_prompt=num_images_per_prompt,
@@ -629,7 +710,9 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         # 2. Style: prompt template and LoRA (the release's default style LoRA where the style has none)
         wording = fact.PROMPTS[prompt_wording]
         default_text = wording["template_prompt" if inpainting else "prompt"]
-        default_negative = wording["template_negative_prompt" if inpainting else "negative_prompt"]
+        default_negative = saved.get(
+            "negative_prompt", wording["template_negative_prompt" if inpainting else "negative_prompt"]
+        )
         loras = list(loras)
         text, negative, styled = prompt if prompt is not None else default_text, negative_prompt, {}
         style_lora = None

@@ -44,7 +44,6 @@ METHODS_KEY = "methods"
 #: The judge-similarity margin (SimTarget, mean over cases) by which a shipped method must beat both baselines
 #: (different identity, base model) in the acceptance run; chosen from the observed run (see the manifest entry).
 ACCEPTANCE_MARGIN = 0.1
-SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
 
 def _document(plan: MethodPlan, data: Path, run: Path, base: Path, seed: int) -> dict[str, Any]:
@@ -92,7 +91,9 @@ def _same_component(a: Path, b: Path) -> bool:
     return True
 
 
-def ship(model: Path, out: Path, base: Path) -> list[str]:
+def ship(
+    model: Path, out: Path, base: Path, components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
+) -> list[str]:
     """Copy the trained folder ``model`` to ``out`` (replaced atomically), leaving out the components equal to the
     base model's (recorded as the folder's ``base_model`` setting, a path relative to ``out``).
 
@@ -107,7 +108,7 @@ def ship(model: Path, out: Path, base: Path) -> list[str]:
     shutil.copytree(model, staging)
     index_path = staging / "model_index.json"
     index = json.loads(index_path.read_text())
-    shared = [name for name in SHARED_COMPONENTS if name in index and _same_component(staging / name, base / name)]
+    shared = [name for name in components if name in index and _same_component(staging / name, base / name)]
     for name in shared:
         shutil.rmtree(staging / name)
     if shared:
@@ -239,7 +240,7 @@ def train_method(
         result = train(load_config(document=_document(chosen, data, run, base_dir, seed)), resume="latest")
         trained = {"seconds": round(time.time() - start, 1), "steps": result.step, "loss": result.loss}
         record.write_text(json.dumps(trained))
-    shared = ship(run / "model", out, base_dir)
+    shared = ship(run / "model", out, base_dir, chosen.shared_components)
     entry: dict[str, Any] = {
         "description": (
             f"{method} trained in the synthetic world by its training recipe ({chosen.recipe!r}) from the world base "

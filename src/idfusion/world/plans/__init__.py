@@ -30,6 +30,9 @@ class MethodPlan:
     resolution: int = 64
     checkpoint_every: int = 250
     validate: bool = True
+    # components the method leaves as the base model has them (frozen in training): shipped as a reference to the
+    # base (its pipeline must load them from ``base_model``), not copied
+    shared_components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
 
 
 def _module_name(method: str) -> str:
