@@ -531,6 +531,7 @@ register_method(
         default_model=_OPEN_FLASHFACE.repo_id,
         tiny="idfusion.testing.tiny_flashface:write_open_flashface",
         downloads=(_OPEN_FLASHFACE,),
+        recipe="open-flashface",
     )
 )
 register_method(

@@ -64,6 +64,7 @@ SETTINGS = {
     "face_box": list,  # default face position (official); [0, 0, 0, 0]: anywhere
     "positive_postfix": str,  # appended to the prompt (official); "": nothing
     "negative_postfix": str,  # the negative text (official); "": nothing
+    "negative_prompt": str,  # open: the default negative text; "" for a model trained by idfusion (it never saw one)
     "release_vae_attention": bool,  # official: the release's VAE attention layout; False for diffusers-trained VAEs
     "base_model": str,  # a saved folder without vae/, text_encoder/ or tokenizer/ loads them from this SD1.5 folder
 }
@@ -87,6 +88,7 @@ def release_settings(release: FlashFaceRelease) -> dict:
         "face_box": list(flashface.OFFICIAL_FACE_BOX) if official else None,
         "positive_postfix": OFFICIAL_POSITIVE_POSTFIX if official else "",
         "negative_postfix": OFFICIAL_NEGATIVE_POSTFIX if official else "",
+        "negative_prompt": "" if official else OPEN_NEGATIVE_PROMPT,
         "release_vae_attention": official,
     }
 
@@ -531,7 +533,7 @@ class FlashFacePipeline(IdentityPipeline):
             positive, negative = self.encode_prompts([positive_text, negative_text]).chunk(2)  # (1, 77, D) each
         else:
             positive_text = prompt or "a photo of a person"
-            negative_text = OPEN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            negative_text = defaults["negative_prompt"] if negative_prompt is None else negative_prompt
             positive = self.encode_prompts([positive_text])
             negative = self.encode_prompts([negative_text], clip_skip=0)
 

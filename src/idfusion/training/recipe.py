@@ -64,6 +64,7 @@ RECIPES: dict[str, str] = {
     "adaface-composition": "idfusion.training.recipes.adaface:AdaFaceCompositionRecipe",
     "style-lora": "idfusion.training.recipes.style_lora:StyleLoraRecipe",
     "fact": "idfusion.training.recipes.fact:FactRecipe",
+    "open-flashface": "idfusion.training.recipes.open_flashface:OpenFlashFaceRecipe",
 }
 
 
