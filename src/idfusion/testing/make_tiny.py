@@ -5,6 +5,10 @@ Each *method* names its writer in the method registry (:mod:`idfusion.registry`)
 folder layout, file names, config fields and tensor key names of the real release, with tiny shapes and seeded random
 weights, so loading code written for the real files runs unchanged on them.
 
+Each kit is a few MB (about 1 to 15). Where an official layout forces wide or many layers into a ``torch.save`` file
+(FlashFace's checkpoint and VAE, FeedFace's autoencoder, AdaFace's 512-wide generators and Arc2Face encoder), the
+large tensors are views of a few shared random pools (:mod:`idfusion.testing.shared_storage`), stored once.
+
 Methods and the layouts they write (paths relative to the output folder):
 
 ``sd15``
@@ -236,7 +240,8 @@ def write_adaface(out_dir: Path, seed: int) -> list[Path]:
     import torch
 
     from idfusion.testing.components import official_state_dict
-    from idfusion.testing.tiny_adaface import write_tiny_adaface_checkpoint
+    from idfusion.testing.shared_storage import pooled_tensors
+    from idfusion.testing.tiny_adaface import ROW_STRIDE, write_tiny_adaface_checkpoint
     from idfusion.testing.tiny_arc2face import TINY_ID_WIDTH, tiny_arc2face_encoder
 
     write_tiny_adaface_checkpoint(out_dir, seed)
@@ -244,7 +249,9 @@ def write_adaface(out_dir: Path, seed: int) -> list[Path]:
     encoder_dir.mkdir(parents=True)
     encoder = tiny_arc2face_encoder(seed + 10)
     encoder.config.save_pretrained(encoder_dir)
-    torch.save(official_state_dict(encoder), encoder_dir / "pytorch_model.bin")
+    # 512 wide, frozen in AdaFace: its big tensors share pools (a torch.save file; see testing.shared_storage)
+    state = pooled_tensors(official_state_dict(encoder), seed + 10, row_stride=ROW_STRIDE)
+    torch.save(state, encoder_dir / "pytorch_model.bin")
     faces = out_dir / "models" / "insightface" / "models" / "antelopev2"
     faces.mkdir(parents=True)
     write_antelopev2(faces, seed)

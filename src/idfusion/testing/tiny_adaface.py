@@ -20,6 +20,12 @@ whole tiny AdaFace kit is 512 wide), 77 positions, 3 layers of 4 heads, MLP widt
 keys/values (multipliers ``[1, 2, 4]``), which exercises the multi-KV attention. The v2 checkpoint's two projectors
 share their (frozen, CLIP-initialised) token and position tables in one storage, as the release's do.
 
+At width 512 the two projectors' layers alone would be 34 MB, so every large weight is a view of a few shared
+random pools, one per scale (:mod:`idfusion.testing.shared_storage`, with rows :data:`ROW_STRIDE` values apart):
+the ``.pt`` is about 0.6 MB. Readers only compute with these tensors or copy them (the loader's
+``load_state_dict(assign=True)`` keeps the views; ``torch.save`` keeps the sharing, ``convert_adaface_checkpoint``
+copies each tensor out, and the AdaFace recipe trains a fresh copy).
+
 The token table keeps CLIP's 49,408 rows: the loader reads the EOS row 49,407 for ID-CFG's padding embedding
 (``idfusion.methods.adaface.EOS_TOKEN_ID``), whatever the table's size. The kit's tokenizer has the reduced
 vocabulary (:mod:`idfusion.testing.tiny_clip_tokenizer`, ids below 1,000), and so does the pickled tokenizer. So
@@ -91,6 +97,9 @@ V2_RELATIVE_PATH = Path("models/adaface/VGGface2_HQ_masks2024-10-14T16-09-24_zer
 V1_RELATIVE_PATH = Path("models/adaface/subjects-celebrity2024-05-16T17-22-46_zero3-ada-30000.pt")
 
 _PATH_ATTR = "_idfusion_pickle_path"
+# Rows of the kit's 512-wide weights start this many values apart in their pool (testing.shared_storage): every
+# reader of these files computes with the weights or copies them, never writes into them.
+ROW_STRIDE = 7
 _CLIP = "transformers.models.clip.modeling_clip"
 
 
@@ -422,7 +431,40 @@ def _v2_generator(
     return generator
 
 
-def _save(obj: Any, path: Path) -> Path:
+def _pool_weights(checkpoint: dict[str, Any], seed: int) -> None:
+    """Make the large weights of every module in ``checkpoint`` slices of shared random pools
+    (:mod:`idfusion.testing.shared_storage`), in place: the two projectors' 512-wide layers would otherwise take
+    34 MB. Tensors that share memory (the projectors' common tables) stay shared."""
+    from .shared_storage import pooled_tensors
+
+    modules: list[nn.Module] = []
+    for value in checkpoint.values():
+        if isinstance(value, nn.Module):
+            modules += [m for m in value.modules() if all(m is not seen for seen in modules)]
+    tensors: dict[str, torch.Tensor] = {}
+    places: dict[str, list[tuple[nn.Module, str, bool]]] = {}  # key -> (module, attribute, is_parameter)
+    for module in modules:
+        entries = [(name, p, True) for name, p in module._parameters.items() if p is not None]
+        entries += [(name, v, False) for name, v in vars(module).items() if type(v) is torch.Tensor]  # pad_embeddings
+        for name, value, is_parameter in entries:
+            key = f"{value.data_ptr()}:{tuple(value.shape)}:{tuple(value.stride())}"
+            tensors.setdefault(key, value.detach())
+            places.setdefault(key, []).append((module, name, is_parameter))
+    pooled = pooled_tensors(tensors, seed, row_stride=ROW_STRIDE)
+    for key, targets in places.items():
+        if pooled[key] is tensors[key]:
+            continue
+        for module, name, is_parameter in targets:
+            if is_parameter:
+                module._parameters[name] = nn.Parameter(
+                    pooled[key], requires_grad=module._parameters[name].requires_grad
+                )
+            else:
+                setattr(module, name, pooled[key])
+
+
+def _save(obj: Any, path: Path, seed: int) -> Path:
+    _pool_weights(obj, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path, pickle_module=_PICKLE_MODULE)
     return path
@@ -513,7 +555,7 @@ def write_tiny_adaface_checkpoint(
             "ca_outfeat_lns": nn.ModuleDict({"0": nn.LayerNorm(8, elementwise_affine=False)}),
         }
     checkpoint["string_to_subj_basis_generator_dict"] = nn.ModuleDict(generators)
-    written = [_save(checkpoint, Path(out_dir) / V2_RELATIVE_PATH)]
+    written = [_save(checkpoint, Path(out_dir) / V2_RELATIVE_PATH, seed)]
     if consistentid and save_format != "dev-arc2face":
         written += write_tiny_consistentid(Path(out_dir), seed)
     return written
@@ -592,7 +634,7 @@ def write_tiny_adaface_v1(
     }
     if stripped:
         checkpoint = {"string_to_subj_basis_generator_dict": nn.ModuleDict({"z": subject})}
-    return [_save(checkpoint, Path(out_dir) / V1_RELATIVE_PATH)]
+    return [_save(checkpoint, Path(out_dir) / V1_RELATIVE_PATH, seed)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -816,6 +858,7 @@ def write_tiny_consistentid(out_dir: Path, seed: int) -> list[Path]:
     }
     written = [out_dir / CONSISTENTID_WEIGHTS_PATH, out_dir / BISENET_WEIGHTS_PATH]
     written[0].parent.mkdir(parents=True, exist_ok=True)
+    # Not pooled (testing.shared_storage): these files' tensors are plain, so they convert to safetensors as they are.
     torch.save(consistentid, written[0])
     torch.save(tiny_bisenet_state_dict(gen), written[1])
     faces = out_dir / BUFFALO_L_PATH

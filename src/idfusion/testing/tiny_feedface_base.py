@@ -31,6 +31,10 @@ Shapes (full size in brackets):
   (:mod:`idfusion.testing.tiny_clip_tokenizer`) and 77 positions; a 2-layer vision tower of width 32 completes the
   CLIPModel.
 
+``autoencoder_kl.pth`` stores its large tensors as slices of shared random pools
+(:mod:`idfusion.testing.shared_storage`; 1 MB instead of 13 MB). The U-ViT's are plain: the FeedFace recipe trains a
+model that holds the U-ViT, and accelerate cannot checkpoint parameters that share memory.
+
 Weights are seeded random and not degenerate: norms, biases and the zero-initialised position/data-type embeddings
 are perturbed, so tests can tell any two parameters apart.
 """
@@ -304,12 +308,16 @@ def write_unidiffuser_base(models_dir: Path, seed: int) -> list[Path]:
         save_official_uvit,
     )
     from idfusion.testing.make_tiny import _quiet_progress_bars
+    from idfusion.testing.shared_storage import pool_saved_state_dict
 
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
+    # The autoencoder's tensors share pools (testing.shared_storage): it is the largest file and always frozen, outside
+    # any trained model. The U-ViT's do not: the FeedFace recipe trains a model that holds it, and a checkpoint of
+    # tensors that share memory cannot be saved and restored.
     written = [
         save_official_uvit(tiny_uvit(seed), models_dir / UVIT_FILE),
-        save_official_autoencoder(tiny_vae(seed + 1), models_dir / AUTOENCODER_FILE),
+        pool_saved_state_dict(save_official_autoencoder(tiny_vae(seed + 1), models_dir / AUTOENCODER_FILE), seed + 1),
     ]
     decoder = tiny_caption_decoder(seed + 2)
     written.append(save_official_caption_decoder(decoder, models_dir / CAPTION_DECODER_FILE))

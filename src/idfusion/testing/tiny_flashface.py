@@ -7,12 +7,14 @@ Official (``write_flashface``), in the layout of ``shilongz/FlashFace-SD1.5`` / 
   own random weights: the official code never runs it). Widths ``(32, 64, 96, 96)`` with 2 layers per level, 8
   heads and cross-attention width 32: FlashFace's GroupNorm has 32 groups, so 32 is the smallest width, and widths
   that grow at the levels where SD1.5's grow (320, 640, 1280, 1280) give the same resnet shortcuts, so every key
-  name of the real file occurs, with the same ranks. (This floor makes it the largest tiny release.)
+  name of the real file occurs, with the same ranks. At that floor the tensors would take 67 MB, so the large ones
+  are slices of a few shared random pools (:mod:`idfusion.testing.shared_storage`; the ``ori_*`` twins view a copy
+  of the pools, so they stay equal and separate): the file is about 6.5 MB.
 - ``openai-clip-vit-large-14.pth``: both CLIP towers in FlashFace naming: ``textual.*`` (width 32, 2 layers, the
   kit's reduced vocabulary and 77 positions, ``textual.head`` projection), a small ``visual.*`` ViT (width 32,
   patch 14 on 28x28 images, 2 layers, ``cls_embedding``, ``pre_norm``, ``post_norm``, ``head``) and ``log_scale``.
 - ``sd-v1-vae.pth``: the VAE in FlashFace naming, widths ``(32, 64, 96, 96)``, 2 blocks per level: the 240 key
-  names of the real file.
+  names of the real file (pooled too: 1.1 MB instead of 13 MB).
 - ``bpe_simple_vocab_16e6.txt.gz``: CLIP's BPE file with the kit's reduced vocabulary
   (:func:`idfusion.testing.tiny_clip_tokenizer.write_tiny_clip_bpe`), which the text tower's table matches.
 - ``antelopev2/``: tiny ONNX face models, where the FlashFace pipeline looks for a detector.
@@ -172,11 +174,13 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     )
     from .components import _build_seeded, build_text_encoder, build_vae
     from .make_tiny import write_antelopev2
+    from .shared_storage import pooled_tensors
     from .tiny_clip_tokenizer import write_tiny_clip_bpe
 
     main, refnet, reference, ref_middle = tiny_flashface_models(seed)
     state = flashface_unets_state_dict(main, refnet, reference, ref_middle=ref_middle)
-    torch.save(state, out_dir / CHECKPOINT_FILE)
+    twins = {key: key[len("ori_") :] for key in state if key.startswith("ori_")}
+    torch.save(OrderedDict(pooled_tensors(state, seed, twins=twins)), out_dir / CHECKPOINT_FILE)
 
     generator = torch.Generator().manual_seed(seed + 3)
     text = _build_seeded(build_text_encoder, tiny_flashface_text_config(), seed + 3)
@@ -185,11 +189,11 @@ def write_flashface(out_dir: Path, seed: int) -> list[Path]:
     clip = OrderedDict(_tiny_visual_tower(generator))
     clip.update(text_encoder_to_flashface(text, projection))
     clip["log_scale"] = torch.tensor(4.6052)
-    torch.save(clip, out_dir / CLIP_FILE)
+    torch.save(OrderedDict(pooled_tensors(clip, seed + 3)), out_dir / CLIP_FILE)
 
     vae = _build_seeded(build_vae, tiny_flashface_vae_config(), seed + 4)
     _perturb(vae, torch.Generator().manual_seed(seed + 4))
-    torch.save(vae_to_flashface(vae), out_dir / VAE_FILE)
+    torch.save(OrderedDict(pooled_tensors(vae_to_flashface(vae), seed + 4)), out_dir / VAE_FILE)
 
     write_tiny_clip_bpe(out_dir / BPE_FILE)
     (out_dir / "antelopev2").mkdir()
