@@ -452,6 +452,7 @@ register_method(
         tiny="idfusion.testing.tiny_arc2face:write_arc2face",
         bench="idfusion.bench:ARC2FACE",
         downloads=_ARC2FACE_DOWNLOADS,
+        recipe="arc2face",
     )
 )
 register_method(

@@ -63,6 +63,7 @@ RECIPES: dict[str, str] = {
     "adaface-distill": "idfusion.training.recipes.adaface:AdaFaceDistillRecipe",
     "adaface-composition": "idfusion.training.recipes.adaface:AdaFaceCompositionRecipe",
     "style-lora": "idfusion.training.recipes.style_lora:StyleLoraRecipe",
+    "arc2face": "idfusion.training.recipes.arc2face:Arc2FaceRecipe",
     "fact": "idfusion.training.recipes.fact:FactRecipe",
     "open-flashface": "idfusion.training.recipes.open_flashface:OpenFlashFaceRecipe",
 }
