@@ -150,8 +150,10 @@ def test_weights_are_small_and_match_the_manifest(manifest):
             continue  # the base model's files: test_world_base.py
         path = weights_dir() / file
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"] and "seed" in entry
-        if file.startswith("methods/"):  # a method's world weights (its UNet and ReferenceNet are ~8.6 MB each)
-            assert path.stat().st_size < 9_000_000
+        if file.startswith("methods/"):
+            # a method's world weights: UNet and ReferenceNet ~8.6 MB each; Arc2Face's UNet 10.7 MB (its cross-attention
+            # reads a 512-wide ID encoder)
+            assert path.stat().st_size < 11_000_000
             assert entry["command"].startswith("python -m idfusion.world.train_method")
         else:
             assert path.stat().st_size < 4_000_000

@@ -583,6 +583,7 @@ register_method(
         tiny="idfusion.testing.make_tiny:write_feedface",
         bench="idfusion.bench:FEEDFACE",
         downloads=_FEEDFACE_DOWNLOADS,
+        recipe="feedface",
     )
 )
 register_method(
@@ -596,5 +597,6 @@ register_method(
         options=(_FACE_MODE, _FEED_SCALE),
         tiny="idfusion.testing.make_tiny:write_feedface_sd15",
         downloads=(_sd15_base("stable-diffusion-v1-5"),),  # only the base: the adapter comes from training
+        recipe="feedface-sd15",
     )
 )

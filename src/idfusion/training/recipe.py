@@ -66,6 +66,8 @@ RECIPES: dict[str, str] = {
     "arc2face": "idfusion.training.recipes.arc2face:Arc2FaceRecipe",
     "fact": "idfusion.training.recipes.fact:FactRecipe",
     "open-flashface": "idfusion.training.recipes.open_flashface:OpenFlashFaceRecipe",
+    "feedface": "idfusion.training.recipes.feedface:FeedFaceRecipe",
+    "feedface-sd15": "idfusion.training.recipes.feedface:FeedFaceSD15Recipe",
 }
 
 
