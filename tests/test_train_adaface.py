@@ -34,7 +34,7 @@ from test_training_core import (  # the training core's autouse fixtures apply h
     reset_accelerate,
 )
 
-RECIPE = "idfusion.training.recipes.adaface:AdaFaceRecipe"  # until the registry names it
+RECIPE = "adaface"
 
 
 @pytest.fixture(scope="module")
@@ -263,12 +263,12 @@ def test_a_projector_starts_from_a_text_encoder_as_the_release_from_clip_l():
 def test_the_stage_recipes_fix_their_stage(tiny_release, world_set, tmp_path):
     doc = document(tiny_release("adaface"), None, world_set, tmp_path, recipe={"distill_prob": 0.0})
     del doc["recipe"]["stage"]
-    doc["recipe"]["name"] = "idfusion.training.recipes.adaface:AdaFaceCompositionRecipe"
+    doc["recipe"]["name"] = "adaface-composition"
     config = load_config(document=doc)  # stage 2 without distillation samples needs no teacher
     assert config.recipe.stage == 2 and config.recipe_name == "adaface-composition"
     doc["recipe"]["stage"] = 1
     with pytest.raises(ConfigError, match=r"recipe\.stage: expected a number in \[2, 2\], got 1"):
         load_config(document=doc)
-    doc["recipe"].update(name="idfusion.training.recipes.adaface:AdaFaceDistillRecipe", stage=1)
+    doc["recipe"].update(name="adaface-distill", stage=1)
     with pytest.raises(ConfigError, match=r"recipe\.teacher: missing"):
         load_config(document=doc)

@@ -25,8 +25,7 @@ from test_training_core import (  # the training core's autouse fixtures apply h
     reset_accelerate,
 )
 
-# until "arc2face" is in RECIPES; load_config names the section after the class, so train() is given the class
-RECIPE = "idfusion.training.recipes.arc2face:Arc2FaceRecipe"
+RECIPE = "arc2face"
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +255,12 @@ def load_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder / "tokenizer")
 
 
-def test_world_plan_smoke_run_trains_a_512_wide_id_encoder_and_ships_it(tmp_path, monkeypatch):
+def test_world_plan_smoke_run_trains_a_512_wide_id_encoder_and_ships_it(tmp_path):
     """The world plan's smoke run through train_method: the new ID encoder, the cut tokenizer and the rebuilt UNet
     ship (they differ from the base); only the VAE is the base's."""
     from idfusion import registry
-    from idfusion.training import recipe as recipe_module
     from idfusion.world.train_method import train_method
 
-    monkeypatch.setitem(recipe_module.RECIPES, "arc2face", RECIPE)  # until the registry has it
     out = tmp_path / "weights" / "methods" / "arc2face"
     entry = train_method("arc2face", out, tmp_path / "work", plan="smoke", progress=False, command="smoke",
                          measure=False)  # fmt: skip

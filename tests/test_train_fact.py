@@ -33,7 +33,7 @@ from test_training_core import (  # the training core's autouse fixtures apply h
     reset_accelerate,
 )
 
-RECIPE = "idfusion.training.recipes.fact:FactRecipe"  # "fact" once registered in RECIPES
+RECIPE = "fact"
 TINY_RESAMPLER = {"dim": 32, "depth": 1, "dim_head": 8, "heads": 4}
 
 

@@ -31,8 +31,8 @@ from test_training_core import (  # the training core's autouse fixtures apply h
     reset_accelerate,
 )
 
-SD15 = "idfusion.training.recipes.feedface:FeedFaceSD15Recipe"
-UVIT = "idfusion.training.recipes.feedface:FeedFaceRecipe"
+SD15 = "feedface-sd15"
+UVIT = "feedface"
 # a 2-layer tower at width 32: 50 tokens of the 224 px crop, as CLIP ViT-B/32
 TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 

@@ -27,7 +27,7 @@ from test_training_core import (  # the training core's autouse fixtures apply h
 )
 
 # the recipe by its module:Class string, until it is registered in RECIPES
-RECIPE = "idfusion.training.recipes.open_flashface:OpenFlashFaceRecipe"
+RECIPE = "open-flashface"
 
 
 def document(base: Path, data: Path, output: Path, every: int = 100, **train_options: object) -> dict:

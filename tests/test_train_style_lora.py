@@ -37,7 +37,7 @@ from test_training_core import (  # the training core's autouse fixtures apply h
     reset_accelerate,
 )
 
-RECIPE = "idfusion.training.recipes.style_lora:StyleLoraRecipe"  # until "style-lora" is in RECIPES
+RECIPE = "style-lora"
 TRIGGER = "zkstripes"
 MAGENTA, GREEN = (230, 20, 200), (20, 200, 60)
 

@@ -57,6 +57,9 @@ __all__ = [
     "ImageCaptionDataset",
     "ImageRecord",
     "ResumableSampler",
+    "TargetCrop",
+    "crop_target",
+    "load_rgb",
     "read_jsonl",
     "read_records",
     "sample_seed",
@@ -468,3 +471,81 @@ class ImageCaptionDataset:
         pixels, record = self.load(int(index), int(seed))
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div(127.5).sub(1.0)
         return {"pixel_values": tensor, "caption": record.caption, "index": int(index), "seed": int(seed)}
+
+
+def load_rgb(path: Path, source: str) -> np.ndarray:
+    """The ``(H, W, 3)`` uint8 pixels of a record's file; a :class:`DataError` naming the record (``source``)."""
+    from ..images import load_image
+
+    try:
+        return load_image(path).array
+    except IdfusionError as error:
+        raise DataError(f"{source}: {path}: {error}") from None
+
+
+@dataclass
+class TargetCrop:
+    """A training image cropped as a text-to-image recipe crops it, with its face where it ends up.
+
+    Attributes:
+        pixels: ``(R, R, 3)`` uint8.
+        mask: ``(R, R)`` float face mask in [0, 1] (the mask file asked for, else the face box), or None.
+        box: ``(4,)`` float32 face box relative to the crop, clipped to [0, 1].
+    """
+
+    pixels: np.ndarray
+    mask: np.ndarray | None
+    box: np.ndarray
+
+
+def crop_target(
+    record: ImageRecord,
+    seed: int,
+    resolution: int,
+    *,
+    center_crop: bool,
+    random_flip: bool,
+    mask: Path | None | bool = None,
+) -> TargetCrop:
+    """``record``'s image resized so its short side is ``resolution``, cropped square (centred, or at a position drawn
+    from ``seed``'s augmentation stream) and flipped with p 0.5 when ``random_flip``, as :class:`ImageCaptionDataset`
+    does, carrying the record's first face along: its box, and with ``mask`` a face mask (a path: that mask file;
+    ``True``: the face box filled; ``None``/``False``: none).
+
+    One definition for every identity recipe, so their crops, masks and seeded draws cannot drift apart.
+    """
+    from PIL import Image
+
+    image = Image.fromarray(load_rgb(record.image, record.source))
+    face = None
+    if isinstance(mask, Path | str):
+        face = Image.open(mask).convert("L").resize(image.size, Image.Resampling.BILINEAR)
+    elif mask:
+        face = Image.new("L", image.size)
+        face.paste(255, tuple(int(round(v)) for v in record.faces[0].bbox))
+    crop_x, crop_y, flip = np.random.default_rng(sample_seed(seed, AUGMENT_STREAM)).random(3)
+    size = resolution
+    scale = size / min(image.size)
+    resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+        face = face.resize(resized, Image.Resampling.BILINEAR) if face is not None else None
+    if center_crop:
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+    else:
+        left, top = int(crop_x * (image.width - size + 1)), int(crop_y * (image.height - size + 1))
+    window = (left, top, left + size, top + size)
+    pixels = np.array(image.crop(window))
+    weights = np.asarray(face.crop(window), dtype=np.float32) / 255.0 if face is not None else None
+    sx, sy = image.width / record.width, image.height / record.height
+    x1, y1, x2, y2 = record.faces[0].bbox if record.faces else (0.0, 0.0, 0.0, 0.0)
+    box = np.array([x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top]) / size
+    if random_flip and flip < 0.5:
+        pixels = pixels[:, ::-1]
+        weights = weights[:, ::-1] if weights is not None else None
+        box = np.array([1 - box[2], box[1], 1 - box[0], box[3]])
+    return TargetCrop(
+        np.ascontiguousarray(pixels),
+        np.ascontiguousarray(weights) if weights is not None else None,
+        np.clip(box, 0.0, 1.0).astype(np.float32),
+    )

@@ -97,7 +97,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ConfigFieldError, between, existing_folder, non_negative, positive, setting
-from ..data import AUGMENT_STREAM, CONDITION_STREAM, NOISE_STREAM, DataError, ImageRecord, read_records, sample_seed
+from ..data import (
+    CONDITION_STREAM,
+    NOISE_STREAM,
+    DataError,
+    ImageRecord,
+    crop_target,
+    load_rgb,
+    read_records,
+    sample_seed,
+)
 from ..recipe import Recipe, RecipeConfig
 
 if TYPE_CHECKING:
@@ -301,16 +310,6 @@ def plan_sample(seed: int, options: AdaFaceConfig, num_timesteps: int, num_compo
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_rgb(path: Path, source: str) -> np.ndarray:
-    from ...errors import IdfusionError
-    from ...images import load_image
-
-    try:
-        return load_image(path).array
-    except IdfusionError as error:
-        raise DataError(f"{source}: {path}: {error}") from None
-
-
 def build_recognizer(kind: str, model_dir: Path | None) -> Any:
     """The 512-d recognizer identities come from: ``"onnx"`` (``arcface.onnx`` in ``model_dir``) or ``"world"``."""
     if kind == "world":
@@ -337,7 +336,7 @@ def record_embeddings(records: Sequence[ImageRecord], recognizer: Any) -> np.nda
                     f"{record.source}: faces[0].landmarks: missing; the identity needs the 5 ArcFace landmarks "
                     f"(or embeddings[{recognizer.name!r}])"
                 )
-            image = _load_rgb(record.image, record.source)
+            image = load_rgb(record.image, record.source)
             landmarks = np.asarray(face.landmarks, np.float32)[None]  # (1, 5, 2)
             vector = recognizer.embed(image, landmarks, np.asarray(face.bbox, np.float32)[None])[0]
         if vector.shape != (ID_DIM,):
@@ -373,31 +372,9 @@ class AdaFaceDataset:
 
     def target(self, record: ImageRecord, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``(R, R, 3)`` uint8 crop and its ``(R, R)`` float face mask."""
-        from PIL import Image
-
-        image = Image.fromarray(_load_rgb(record.image, record.source))
-        if record.mask is not None:
-            mask = Image.open(record.mask).convert("L").resize(image.size, Image.Resampling.BILINEAR)
-        else:
-            mask = Image.new("L", image.size)
-            mask.paste(255, tuple(int(round(v)) for v in record.faces[0].bbox))
-        crop_x, crop_y, flip = np.random.default_rng(sample_seed(seed, AUGMENT_STREAM)).random(3)
-        size = self.resolution
-        scale = size / min(image.size)
-        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        if resized != image.size:
-            image = image.resize(resized, Image.Resampling.LANCZOS)
-            mask = mask.resize(resized, Image.Resampling.BILINEAR)
-        if self.center_crop:
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-        else:
-            left, top = int(crop_x * (image.width - size + 1)), int(crop_y * (image.height - size + 1))
-        window = (left, top, left + size, top + size)
-        pixels = np.array(image.crop(window))
-        weights = np.asarray(mask.crop(window), dtype=np.float32) / 255.0
-        if self.random_flip and flip < 0.5:
-            pixels, weights = pixels[:, ::-1], weights[:, ::-1]
-        return np.ascontiguousarray(pixels), np.ascontiguousarray(weights)
+        crop = crop_target(record, seed, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                           mask=record.mask or True)  # fmt: skip
+        return crop.pixels, crop.mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, key)
@@ -1048,7 +1025,7 @@ class AdaFaceRecipe(Recipe):
                     seed=options.validation_seed + k, num_inference_steps=options.validation_inference_steps,
                     height=size, width=size,
                 )  # fmt: skip
-            source = Image.fromarray(_load_rgb(record.image, record.source)).resize((size, size))
+            source = Image.fromarray(load_rgb(record.image, record.source)).resize((size, size))
             images += [source, out.images[0]]
         return images
 

@@ -77,7 +77,16 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..config import ConfigError, ConfigFieldError, between, existing_folder, non_negative, positive, setting
-from ..data import AUGMENT_STREAM, CONDITION_STREAM, NOISE_STREAM, DataError, ImageRecord, read_records, sample_seed
+from ..data import (
+    CONDITION_STREAM,
+    NOISE_STREAM,
+    DataError,
+    ImageRecord,
+    crop_target,
+    load_rgb,
+    read_records,
+    sample_seed,
+)
 from ..recipe import Recipe, RecipeConfig
 
 if TYPE_CHECKING:
@@ -246,16 +255,6 @@ def _token_shape(encoder: nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_rgb(path: Path, source: str) -> np.ndarray:
-    from ...errors import IdfusionError
-    from ...images import load_image
-
-    try:
-        return load_image(path).array
-    except IdfusionError as error:
-        raise DataError(f"{source}: {path}: {error}") from None
-
-
 def _record_face(record: ImageRecord) -> Any:
     from ...faces import Face
 
@@ -318,7 +317,7 @@ class FactDataset:
         from ...methods.fact import face_crop
 
         owner = self.by_path.get(path)
-        image = _load_rgb(path, record.source)
+        image = load_rgb(path, record.source)
         if owner is None:  # a ready aligned crop
             return np.asarray(Image.fromarray(image).resize((FACE_CROP, FACE_CROP), Image.Resampling.LANCZOS))
         face = _record_face(owner)
@@ -326,31 +325,9 @@ class FactDataset:
 
     def target(self, record: ImageRecord, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``(R, R, 3)`` uint8 training crop and its ``(R, R)`` float face mask in [0, 1]."""
-        from PIL import Image
-
-        image = Image.fromarray(_load_rgb(record.image, record.source))
-        if record.mask is not None:
-            face = Image.open(record.mask).convert("L").resize(image.size, Image.Resampling.BILINEAR)
-        else:
-            face = Image.new("L", image.size)
-            face.paste(255, tuple(int(round(v)) for v in record.faces[0].bbox))
-        crop_x, crop_y, flip = np.random.default_rng(sample_seed(seed, AUGMENT_STREAM)).random(3)
-        size = self.resolution
-        scale = size / min(image.size)
-        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        if resized != image.size:
-            image = image.resize(resized, Image.Resampling.LANCZOS)
-            face = face.resize(resized, Image.Resampling.BILINEAR)
-        if self.center_crop:
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-        else:
-            left, top = int(crop_x * (image.width - size + 1)), int(crop_y * (image.height - size + 1))
-        window = (left, top, left + size, top + size)
-        pixels = np.array(image.crop(window))
-        mask = np.asarray(face.crop(window), dtype=np.float32) / 255.0
-        if self.random_flip and flip < 0.5:
-            pixels, mask = pixels[:, ::-1], mask[:, ::-1]
-        return np.ascontiguousarray(pixels), np.ascontiguousarray(mask)
+        crop = crop_target(record, seed, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                           mask=record.mask or True)  # fmt: skip
+        return crop.pixels, crop.mask
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, key)

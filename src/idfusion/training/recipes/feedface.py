@@ -73,7 +73,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, ConfigFieldError, between, existing_folder, non_negative, positive, setting
-from ..data import AUGMENT_STREAM, CONDITION_STREAM, NOISE_STREAM, DataError, ImageRecord, read_records, sample_seed
+from ..data import (
+    CONDITION_STREAM,
+    NOISE_STREAM,
+    DataError,
+    ImageRecord,
+    crop_target,
+    load_rgb,
+    read_records,
+    sample_seed,
+)
 from ..recipe import Recipe, RecipeConfig
 
 if TYPE_CHECKING:
@@ -158,16 +167,6 @@ class FeedFaceSD15Config(FeedFaceConfig):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_rgb(path: Path, source: str) -> np.ndarray:
-    from ...errors import IdfusionError
-    from ...images import load_image
-
-    try:
-        return load_image(path).array
-    except IdfusionError as error:
-        raise DataError(f"{source}: {path}: {error}") from None
-
-
 class FeedFaceDataset:
     """Target images, their face mask and a reference face crop, seeded per sample.
 
@@ -211,39 +210,17 @@ class FeedFaceDataset:
         return len(self.records)
 
     def target(self, record: ImageRecord, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``(R, R, 3)`` uint8 training crop and its ``(R, R)`` float face mask in [0, 1]."""
-        from PIL import Image
-
-        image = Image.fromarray(_load_rgb(record.image, record.source))
-        mask_path = record.head_mask or record.mask
-        if mask_path is not None:
-            mask = Image.open(mask_path).convert("L").resize(image.size, Image.Resampling.BILINEAR)
-        else:
-            mask = Image.new("L", image.size)
-            mask.paste(255, tuple(int(round(v)) for v in record.faces[0].bbox))
-        crop_x, crop_y, flip = np.random.default_rng(sample_seed(seed, AUGMENT_STREAM)).random(3)
-        size = self.resolution
-        scale = size / min(image.size)
-        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        if resized != image.size:
-            image = image.resize(resized, Image.Resampling.LANCZOS)
-            mask = mask.resize(resized, Image.Resampling.BILINEAR)
-        if self.center_crop:
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-        else:
-            left, top = int(crop_x * (image.width - size + 1)), int(crop_y * (image.height - size + 1))
-        window = (left, top, left + size, top + size)
-        pixels = np.array(image.crop(window))
-        weights = np.asarray(mask.crop(window), dtype=np.float32) / 255.0
-        if self.random_flip and flip < 0.5:
-            pixels, weights = pixels[:, ::-1], weights[:, ::-1]
-        return np.ascontiguousarray(pixels), np.ascontiguousarray(weights)
+        """The ``(R, R, 3)`` uint8 training crop and its ``(R, R)`` float face mask in [0, 1] (face and hair where
+        the record has a head mask, as the release's LaPa mask with hair)."""
+        crop = crop_target(record, seed, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                           mask=record.head_mask or record.mask or True)  # fmt: skip
+        return crop.pixels, crop.mask
 
     def reference_crop(self, path: Path, owner: ImageRecord) -> np.ndarray:
         """The ``(224, 224, 3)`` uint8 face crop of ``path`` (``owner``'s face box), as the pipeline crops."""
         from ...methods.feedface import face_crop
 
-        return face_crop(_load_rgb(path, owner.source), owner.faces[0].bbox)
+        return face_crop(load_rgb(path, owner.source), owner.faces[0].bbox)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         from ...methods.feedface import FACE_SIZE, preprocess_faces
@@ -434,7 +411,7 @@ class _FeedFaceRecipeBase(Recipe):
             images = []
             for k in range(count):
                 record = dataset.records[k]
-                photo = _load_rgb(record.image, record.source)
+                photo = load_rgb(record.image, record.source)
                 crop = dataset.reference_crop(record.image, record)
                 tokens = pipeline.feed.encode_faces(self._face_pixels(crop))
                 with self.accelerator.autocast():
@@ -518,7 +495,7 @@ def fit_face_encoder(
     recognizer = _recognizer(teacher)
 
     def image(record: ImageRecord) -> np.ndarray:  # decoded when used: photos may be large
-        return _load_rgb(record.image, record.source)
+        return load_rgb(record.image, record.source)
 
     marks = [np.asarray(r.faces[0].landmarks, np.float32) for r in usable]  # (5, 2) each
     if hasattr(recognizer, "preprocess") and hasattr(recognizer, "embed_crops"):  # aligned crops, then one batch

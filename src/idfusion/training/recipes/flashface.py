@@ -80,7 +80,16 @@ from ..config import (
     positive,
     setting,
 )
-from ..data import AUGMENT_STREAM, CONDITION_STREAM, NOISE_STREAM, DataError, ImageRecord, read_records, sample_seed
+from ..data import (
+    CONDITION_STREAM,
+    NOISE_STREAM,
+    DataError,
+    ImageRecord,
+    crop_target,
+    load_rgb,
+    read_records,
+    sample_seed,
+)
 from ..recipe import Recipe, RecipeConfig
 
 if TYPE_CHECKING:
@@ -148,16 +157,6 @@ def _face(record: ImageRecord) -> Any:
     return Face(bbox=box, det_score=1.0, landmarks=np.asarray(landmarks, np.float32), detector="record")
 
 
-def _load_rgb(path: Path, source: str) -> np.ndarray:
-    from ...errors import IdfusionError
-    from ...images import load_image
-
-    try:
-        return load_image(path).array
-    except IdfusionError as error:
-        raise DataError(f"{source}: {path}: {error}") from None
-
-
 class FlashFaceDataset:
     """Target images with their face box, and reference crops of the same identity, seeded per sample.
 
@@ -208,39 +207,9 @@ class FlashFaceDataset:
     def target(self, record: ImageRecord, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The ``(R, R, 3)`` uint8 training crop, the face box in it (relative, ``(4,)``) and, when face weights are
         asked for, the ``(R, R)`` float face mask in [0, 1] (the record's mask, else its face box)."""
-        from PIL import Image
-
-        image = Image.fromarray(_load_rgb(record.image, record.source))
-        face = None
-        if self.face_masks:
-            if record.mask is not None:
-                face = Image.open(record.mask).convert("L").resize(image.size, Image.Resampling.BILINEAR)
-            else:
-                face = Image.new("L", image.size)
-                face.paste(255, tuple(int(round(v)) for v in record.faces[0].bbox))
-        crop_x, crop_y, flip = np.random.default_rng(sample_seed(seed, AUGMENT_STREAM)).random(3)
-        size = self.resolution
-        scale = size / min(image.size)
-        resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-        if resized != image.size:
-            image = image.resize(resized, Image.Resampling.LANCZOS)
-            face = face.resize(resized, Image.Resampling.BILINEAR) if face is not None else None
-        if self.center_crop:
-            left, top = (image.width - size) // 2, (image.height - size) // 2
-        else:
-            left, top = int(crop_x * (image.width - size + 1)), int(crop_y * (image.height - size + 1))
-        window = (left, top, left + size, top + size)
-        pixels = np.array(image.crop(window))
-        weights = np.asarray(face.crop(window), dtype=np.float32) / 255.0 if face is not None else None
-        sx, sy = image.width / record.width, image.height / record.height
-        x1, y1, x2, y2 = record.faces[0].bbox
-        box = np.array([x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top]) / size
-        if self.random_flip and flip < 0.5:
-            pixels = pixels[:, ::-1]
-            weights = weights[:, ::-1] if weights is not None else None
-            box = np.array([1 - box[2], box[1], 1 - box[0], box[3]])
-        face_mask = np.ascontiguousarray(weights) if weights is not None else None
-        return np.ascontiguousarray(pixels), np.clip(box, 0.0, 1.0).astype(np.float32), face_mask
+        crop = crop_target(record, seed, self.resolution, center_crop=self.center_crop, random_flip=self.random_flip,
+                           mask=(record.mask or True) if self.face_masks else None)  # fmt: skip
+        return crop.pixels, crop.box, crop.mask
 
     def reference(self, path: Path, record: ImageRecord) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 reference crop of ``path`` (the pipeline's crop of the image's face)."""
@@ -250,7 +219,7 @@ class FlashFaceDataset:
 
         size = self.reference_size
         owner = self.by_path.get(path)
-        image = _load_rgb(path, record.source)
+        image = load_rgb(path, record.source)
         if owner is None:  # a ready face crop
             crop = Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS)
         else:

@@ -90,7 +90,16 @@ from ..config import (
     positive,
     setting,
 )
-from ..data import AUGMENT_STREAM, CONDITION_STREAM, NOISE_STREAM, DataError, ImageRecord, read_records, sample_seed
+from ..data import (
+    AUGMENT_STREAM,
+    CONDITION_STREAM,
+    NOISE_STREAM,
+    DataError,
+    ImageRecord,
+    load_rgb,
+    read_records,
+    sample_seed,
+)
 from ..recipe import Recipe, RecipeConfig
 
 if TYPE_CHECKING:
@@ -142,16 +151,6 @@ class OpenFlashFaceConfig(RecipeConfig):
 # --------------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _load_rgb(path: Path, source: str) -> np.ndarray:
-    from ...errors import IdfusionError
-    from ...images import load_image
-
-    try:
-        return load_image(path).array
-    except IdfusionError as error:
-        raise DataError(f"{source}: {path}: {error}") from None
 
 
 def face_crop(image: np.ndarray, record: ImageRecord, size: int) -> np.ndarray:
@@ -228,7 +227,7 @@ class OpenFlashFaceDataset:
         """The ``(R, R, 3)`` uint8 training crop and, with face masks, its ``(R, R)`` face weights in [0, 1]."""
         from PIL import Image
 
-        image = Image.fromarray(_load_rgb(record.image, record.source))
+        image = Image.fromarray(load_rgb(record.image, record.source))
         face = None
         if self.face_masks:
             if record.mask is not None:
@@ -262,7 +261,7 @@ class OpenFlashFaceDataset:
         from PIL import Image
 
         size = self.reference_size
-        image = _load_rgb(path, record.source)
+        image = load_rgb(path, record.source)
         owner = self.by_path.get(path)
         if owner is None:  # a ready face crop (the release's Resize((256, 256), LANCZOS))
             return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
