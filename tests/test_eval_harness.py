@@ -304,3 +304,22 @@ def test_parse_job_is_public_and_measure_times_a_block(monkeypatch):
     with measure("cuda:1") as used:
         pass
     assert calls == [1] and used["peak_memory_mb"] == 3.0 and used["peak_memory_kind"] == "cuda-allocated"
+
+
+def test_world_benchmark_runs_an_embedding_method_on_the_world_recognizer(tmp_path, capsys):
+    """Arc2Face's world weights are conditioned on the world recognizer: the world benchmark must not ask for its
+    ONNX ArcFace (which the world does not have)."""
+    import yaml
+
+    from idfusion.cli.main import main
+
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(yaml.safe_dump({
+        "kind": "world", "world": {"identities": 1, "references": 1, "targets": 1, "prompts": 1},
+        "methods": [{"method": "arc2face", "model": "world"}], "baseline": False, "oracle": False, "seeds": [0],
+        "steps": 2,
+    }))  # fmt: skip
+    assert main(["eval", str(bench), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 images generated" in err and "0 error(s)" in err and "ONNX" not in err
+    assert {r["method"] for r in _rows(tmp_path / "out")} == {"arc2face"}

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -222,7 +223,9 @@ def _world_loader(spec: Any, model: str | None, settings: Any, load_options: Map
     conditioned on an embedding (as Arc2Face is on ``arcface.onnx``)."""
     from .. import jobs
 
-    pipe = jobs.load_configured(spec, model, settings, load_options)
+    # the analysis is configured here, not by load_configured from settings.detector: with the detector alone an
+    # embedding method would first ask for its ONNX recognizer, which the world does not have
+    pipe = jobs.load_configured(spec, model, dataclasses.replace(settings, detector=None), load_options)
     pipe.configure_face_analysis(detector="world", recognizer="world" if spec.identity == "embedding" else None)
     return pipe
 
