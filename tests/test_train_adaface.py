@@ -28,6 +28,7 @@ from idfusion.training.recipes.adaface import (
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -131,16 +132,7 @@ def test_stage2_composition_distillation_trains_from_a_stage1_folder(stage1, sam
     assert out.images.shape == (1, 64, 64, 3)
 
 
-class CrashingRecipe(AdaFaceRecipe):
-    """Dies in the first micro-batch of step 3, after checkpoint-2."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 5:
-            raise SimulatedCrash("in step 3")
-        return super().loss(batch)
+CrashingRecipe = crashing(AdaFaceRecipe, call=5, where="in step 3")
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_release, world_set, tmp_path):

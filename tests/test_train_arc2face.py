@@ -19,6 +19,7 @@ from idfusion.training.recipes.arc2face import Arc2FaceDataset, Arc2FaceRecipe, 
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -143,16 +144,7 @@ def test_recipe_learns_and_saves_a_folder_the_registry_and_cli_load(kit, world_s
     assert code == 0, capsys.readouterr()
 
 
-class CrashingRecipe(Arc2FaceRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(Arc2FaceRecipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(kit, world_set, cache, tmp_path):

@@ -27,6 +27,7 @@ from test_train_flashface import tiny_base, world_set  # noqa: F401 - registers 
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -260,16 +261,7 @@ def test_recipe_learns_and_saves_a_folder_the_registry_loads(
     assert float(np.abs(out.images - base_image.images).max()) > 0  # the trained adapter changes the image
 
 
-class CrashingRecipe(FactRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(FactRecipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(

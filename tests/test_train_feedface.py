@@ -25,6 +25,7 @@ from idfusion.training.recipes.feedface import (
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -171,16 +172,7 @@ def test_uvit_recipe_learns_and_saves_a_folder_the_registry_loads(kits, world_se
             assert torch.equal(trained[key], value), key
 
 
-class CrashingRecipe(FeedFaceSD15Recipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(FeedFaceSD15Recipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(kits, world_set, tmp_path):

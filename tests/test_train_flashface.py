@@ -18,6 +18,7 @@ from idfusion.training.recipes.flashface import FlashFaceDataset, FlashFaceRecip
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -165,16 +166,7 @@ def test_recipe_learns_and_saves_a_folder_the_registry_loads(tiny_base, world_se
     assert out.metadata[0]["steps"] == 2  # the folder's sampling settings
 
 
-class CrashingRecipe(FlashFaceRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(FlashFaceRecipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_base, world_set, tmp_path):

@@ -20,6 +20,7 @@ from test_train_flashface import world_set as flashface_world_set  # noqa: F401
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -179,16 +180,7 @@ def test_recipe_learns_on_open_records_and_saves_a_folder_the_registry_loads(sma
     assert out.metadata[0]["steps"] == 2  # the folder's sampling settings
 
 
-class CrashingRecipe(OpenFlashFaceRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(OpenFlashFaceRecipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(small_base, world_jsonl, tmp_path):

@@ -31,6 +31,7 @@ from idfusion.training.recipes.style_lora import (
 from test_training_core import (  # the training core's autouse fixtures apply here too
     QUIET_LOGS,
     SimulatedCrash,
+    crashing,
     fresh_accelerate_state,  # noqa: F401
     max_difference,
     one_thread,  # noqa: F401
@@ -231,16 +232,7 @@ def test_a_style_learned_on_the_world_base_is_applied_by_the_style_api(style_fol
     assert not np.array_equal(images(styled.prompt), plain)
 
 
-class CrashingRecipe(StyleLoraRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4."""
-
-    calls = 0
-
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+CrashingRecipe = crashing(StyleLoraRecipe)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny_sd15, style_folder, extra_records, tmp_path):

@@ -174,16 +174,23 @@ class SimulatedCrash(BaseException):
     """Not an Exception, like a kill: nothing in the core may catch it."""
 
 
-class CrashingRecipe(TextToImageRecipe):
-    """Dies in the first micro-batch of step 5, after checkpoint-4 (as a kill would, mid-accumulation)."""
+def crashing(recipe: type, call: int = 9, where: str = "in step 5") -> type:
+    """``recipe`` dying in its ``call``-th micro-batch: by default the first of step 5 (after checkpoint-4) of a run
+    with two micro-batches a step."""
 
-    calls = 0
+    class Crashing(recipe):
+        calls = 0
 
-    def loss(self, batch):
-        type(self).calls += 1
-        if type(self).calls == 9:
-            raise SimulatedCrash("in step 5")
-        return super().loss(batch)
+        def loss(self, batch):
+            type(self).calls += 1
+            if type(self).calls == call:
+                raise SimulatedCrash(where)
+            return super().loss(batch)
+
+    return Crashing
+
+
+CrashingRecipe = crashing(TextToImageRecipe)
 
 
 def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(shapes, tmp_path, reference):
