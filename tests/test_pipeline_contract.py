@@ -216,3 +216,16 @@ def test_bad_options_are_clear_errors(case, options, message):
     _, _, pipe, identity = case
     with pytest.raises(ValueError, match=message):
         _call(pipe, identity, **options)
+
+
+def test_a_saved_folder_without_its_frozen_parts_names_what_is_missing(tmp_path):
+    from idfusion.errors import ModelFilesError
+    from idfusion.pipelines.core import load_base_components
+
+    config = {"vae": ["diffusers", "AutoencoderKL"], "unet": [None, None], "settings": {}}
+    assert load_base_components(tmp_path, config, ("unet",)) == {}  # a null entry is no component
+    with pytest.raises(ModelFilesError, match="has no vae/ and names no base_model"):
+        load_base_components(tmp_path, config, ("vae", "unet"))
+    config["settings"]["base_model"] = "base"
+    with pytest.raises(ModelFilesError, match="its base_model .* has no vae/"):
+        load_base_components(tmp_path, config, ("vae",))

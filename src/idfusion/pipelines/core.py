@@ -35,6 +35,7 @@ from ..images import ImageInput
 from .scheduling import SCHEDULERS, scheduler_from_name, scheduler_name
 
 __all__ = [
+    "load_base_components",
     "OUTPUT_TYPES",
     "FaceInput",
     "FaceAnalysisNeeds",
@@ -54,6 +55,35 @@ logger = logging.getLogger(__name__)
 FaceInput = ImageInput | Face | FacePhoto  # FacePhoto: a photo and which of its faces
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any] | None]
+
+
+def load_base_components(
+    folder: Path, config: dict, components: Sequence[str], torch_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The ``components`` a saved pipeline folder leaves out (frozen in training, so the base's own), loaded from its
+    ``settings.base_model`` (a path relative to the folder), as named in its ``model_index.json`` (``config``).
+
+    Raises:
+        ModelFilesError: a component is missing and no ``base_model`` is named, or the base lacks it.
+    """
+    import importlib
+
+    missing = [name for name in components if (config.get(name) or [None])[0] and not (folder / name).is_dir()]
+    if not missing:
+        return {}
+    base = (config.get("settings") or {}).get("base_model")
+    if not base:
+        raise ModelFilesError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
+    base_dir = (folder / base).resolve()
+    parts = {}
+    for name in missing:
+        if not (base_dir / name).is_dir():
+            raise ModelFilesError(f"{folder}: its base_model {base_dir} has no {name}/")
+        library, class_name = config[name]
+        loader = getattr(importlib.import_module(library), class_name)
+        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
+        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
+    return parts
 
 
 class IdentityInputError(IdfusionError, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from ..images import ImageInput
 from ..loras import DEFAULT_LCM_LORA, activate_loras
 from ..methods import arc2face
 from ..outputs import encode_array
-from .core import FaceAnalysisNeeds, FaceInput, IdentityPipeline, IdentityPipelineOutput
+from .core import FaceAnalysisNeeds, FaceInput, IdentityPipeline, IdentityPipelineOutput, load_base_components
 from .sd15_sampling import sample_sd15
 
 __all__ = ["Arc2FacePipeline"]
@@ -35,6 +36,10 @@ EXAMPLE = """
 def _local_subfolder(folder: Path, name: str) -> Path | None:
     candidate = folder / name
     return candidate if candidate.is_dir() else None
+
+
+#: Components a saved folder may leave to its ``settings.base_model`` (frozen in training: the base's own).
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
 
 class Arc2FacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
@@ -92,7 +97,9 @@ class Arc2FacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
         if (local / "model_index.json").is_file():  # a pipeline saved by save_pretrained
             # a folder may leave components equal to its base's out (the synthetic world's ship only what training
             # changed) and name the base in its settings, as FlashFace's saved folders do
-            shared = {k: v for k, v in _base_components(local, torch_dtype).items() if k not in kwargs}
+            config = json.loads((local / "model_index.json").read_text(encoding="utf-8"))
+            parts = load_base_components(local, config, BASE_COMPONENTS, torch_dtype)
+            shared = {k: v for k, v in parts.items() if k not in kwargs}
             pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **shared, **kwargs)
             pipe.model_info = {"model": str(pretrained_model_name_or_path)}
             pipe.face_model_dir = Path(face_model_dir) if face_model_dir else None
@@ -220,33 +227,6 @@ class Arc2FacePipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
             controlnet_conditioning_scale=controlnet_conditioning_scale if controlnet_image is not None else None,
             id_embeds=encode_array(identity[0].float().cpu().numpy()),
         )  # fmt: skip
-
-
-def _base_components(folder: Path, torch_dtype: torch.dtype | None) -> dict:
-    """The components a saved folder leaves to its ``settings.base_model`` (a path relative to the folder)."""
-    import importlib
-    import json
-
-    from ..errors import ModelFilesError
-
-    config = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    missing = [name for name in ("vae", "text_encoder", "tokenizer") if (config.get(name) or [None])[0]
-               and not (folder / name).is_dir()]  # fmt: skip
-    if not missing:
-        return {}
-    base = (config.get("settings") or {}).get("base_model")
-    if not base:
-        raise ModelFilesError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
-    base_dir = (folder / base).resolve()
-    parts = {}
-    for name in missing:
-        if not (base_dir / name).is_dir():
-            raise ModelFilesError(f"{folder}: its base_model {base_dir} has no {name}/")
-        library, class_name = config[name]
-        loader = getattr(importlib.import_module(library), class_name)
-        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
-        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
-    return parts
 
 
 def _scheduler_config(base_folder: Path) -> dict:

@@ -41,6 +41,7 @@ from .core import (
     IdentityPipeline,
     IdentityPipelineOutput,
     check_one_identity,
+    load_base_components,
 )
 from .sd15_sampling import InpaintInput, sample_sd15
 
@@ -107,28 +108,6 @@ def _import_idfusion_components(config: dict) -> None:
     for value in config.values():
         if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("idfusion."):
             importlib.import_module(value[0])
-
-
-def _base_components(folder: Path, config: dict, torch_dtype: torch.dtype | None) -> dict:
-    """The components a saved folder leaves to its ``base_model`` setting (a path, relative to the folder)."""
-    import importlib
-
-    missing = [name for name in BASE_COMPONENTS if config.get(name) and not (folder / name).is_dir()]
-    if not missing:
-        return {}
-    base = (config.get("settings") or {}).get("base_model")
-    if not base:
-        raise ModelFilesError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
-    base_dir = (folder / base).resolve()
-    parts = {}
-    for name in missing:
-        if not (base_dir / name).is_dir():
-            raise ModelFilesError(f"{folder}: its base_model {base_dir} has no {name}/")
-        library, class_name = config[name]
-        loader = getattr(importlib.import_module(library), class_name)
-        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
-        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
-    return parts
 
 
 EXAMPLE = """
@@ -295,7 +274,11 @@ class FactPipeline(IdentityPipeline, StableDiffusionLoraLoaderMixin):
 
             config = json.loads((local / "model_index.json").read_text(encoding="utf-8"))
             _import_idfusion_components(config)
-            shared = {k: v for k, v in _base_components(local, config, torch_dtype).items() if k not in kwargs}
+            shared = {
+                k: v
+                for k, v in load_base_components(local, config, BASE_COMPONENTS, torch_dtype).items()
+                if k not in kwargs
+            }
             pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **shared, **kwargs)
             saved = local / SAVED_INFO_FILE
             info = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}

@@ -8,7 +8,6 @@ cross-attention sites, on in the conditional branch at ``feed_scale`` and off in
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -21,7 +20,14 @@ import torch
 from ..hub import SD15_REPO, resolve_model_folder
 from ..methods import feedface
 from ..prompt_encoders import encode_text
-from .core import FaceInput, IdentityInputError, IdentityPipeline, IdentityPipelineOutput, check_one_identity
+from .core import (
+    FaceInput,
+    IdentityInputError,
+    IdentityPipeline,
+    IdentityPipelineOutput,
+    check_one_identity,
+    load_base_components,
+)
 from .sd15_sampling import sample_sd15
 
 __all__ = ["FeedFaceSD15Pipeline", "ADAPTER_FILE", "DEFAULTS"]
@@ -36,26 +42,6 @@ SCHEDULER = "dpm++"
 BASE_REQUIRED_FILES = ("model_index.json", "unet/config.json", "text_encoder/config.json", "vae/config.json")
 #: Components a saved folder may leave to its ``settings.base_model`` (frozen in training: the base's own).
 BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet")
-
-
-def _base_components(folder: Path, config: dict, torch_dtype: torch.dtype | None) -> dict:
-    """The components a saved folder leaves out, loaded from its ``base_model`` setting (relative to the folder)."""
-    missing = [name for name in BASE_COMPONENTS if config.get(name) and not (folder / name).is_dir()]
-    if not missing:
-        return {}
-    base = (config.get("settings") or {}).get("base_model")
-    if not base:
-        raise ValueError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
-    base_dir = (folder / base).resolve()
-    parts = {}
-    for name in missing:
-        if not (base_dir / name).is_dir():
-            raise ValueError(f"{folder}: its base_model {base_dir} has no {name}/")
-        library, class_name = config[name]
-        loader = getattr(importlib.import_module(library), class_name)
-        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
-        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
-    return parts
 
 
 class FeedFaceSD15Pipeline(IdentityPipeline):
@@ -104,7 +90,11 @@ class FeedFaceSD15Pipeline(IdentityPipeline):
         local = Path(pretrained_model_name_or_path).expanduser()
         if (local / "model_index.json").is_file():  # saved by save_pretrained
             config = json.loads((local / "model_index.json").read_text(encoding="utf-8"))
-            shared = {k: v for k, v in _base_components(local, config, torch_dtype).items() if k not in kwargs}
+            shared = {
+                k: v
+                for k, v in load_base_components(local, config, BASE_COMPONENTS, torch_dtype).items()
+                if k not in kwargs
+            }
             pipe = cls.from_saved_folder(local, torch_dtype=torch_dtype, **shared, **kwargs)
             pipe.model_info = {"model": str(pretrained_model_name_or_path)}
             base = (config.get("settings") or {}).get("base_model")

@@ -24,7 +24,7 @@ from ..hub import resolve_model_folder
 from ..images import ImageInput, load_image
 from ..methods import flashface
 from ..methods.flashface import OFFICIAL, OPEN, RELEASES, FlashFaceRelease, ReferenceBank
-from .core import FaceInput, IdentityPipeline, IdentityPipelineOutput
+from .core import FaceInput, IdentityPipeline, IdentityPipelineOutput, load_base_components
 
 __all__ = ["SETTINGS", "FlashFacePipeline", "ReferenceImageError", "release_settings"]
 
@@ -129,28 +129,6 @@ def reference_crop(image: np.ndarray, face: Face, size: int, *, clamp: bool = Fa
     canvas = PIL.Image.new("RGB", (size, size))
     canvas.paste(crop, ((size - crop.width) // 2, (size - crop.height) // 2))
     return canvas
-
-
-def _base_components(folder: Path, config: dict, torch_dtype: torch.dtype | None) -> dict:
-    """The components a saved folder leaves to its ``base_model`` setting (a path, relative to the folder)."""
-    import importlib
-
-    missing = [name for name in BASE_COMPONENTS if config.get(name) and not (folder / name).is_dir()]
-    base = (config.get("settings") or {}).get("base_model")
-    if not missing:
-        return {}
-    if not base:
-        raise IdfusionError(f"{folder}: has no {missing[0]}/ and names no base_model to take it from")
-    base_dir = (folder / base).resolve()
-    parts = {}
-    for name in missing:
-        library, class_name = config[name]
-        loader = getattr(importlib.import_module(library), class_name)
-        dtype = {"torch_dtype": torch_dtype} if torch_dtype is not None and name != "tokenizer" else {}
-        if not (base_dir / name).is_dir():
-            raise IdfusionError(f"{folder}: its base_model {base_dir} has no {name}/")
-        parts[name] = loader.from_pretrained(base_dir, subfolder=name, local_files_only=True, **dtype)
-    return parts
 
 
 def _read_release(folder: Path) -> FlashFaceRelease | None:
@@ -282,7 +260,11 @@ class FlashFacePipeline(IdentityPipeline):
         index = folder / "model_index.json"
         config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
         if config.get("_class_name") == cls.__name__:
-            shared = {k: v for k, v in _base_components(folder, config, torch_dtype).items() if k not in kwargs}
+            shared = {
+                k: v
+                for k, v in load_base_components(folder, config, BASE_COMPONENTS, torch_dtype).items()
+                if k not in kwargs
+            }
             pipe = cls.from_saved_folder(folder, torch_dtype=torch_dtype, **shared, **kwargs)
         else:
             load = ckpt.load_official_flashface if found is OFFICIAL else ckpt.load_open_flashface
