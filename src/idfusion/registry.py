@@ -176,6 +176,8 @@ class MethodSpec:
         tiny: ``"module:function"`` writing a tiny random release in the official layout (``make-tiny``).
         converter: ``"module:function(source, out)"`` converting official files to safetensors (``convert``).
         bench: ``"module:attribute"`` of its :class:`~idfusion.bench.BenchCase`.
+        release: the :mod:`idfusion.official` module that runs its release beside it (``bench --against
+            official``).
         recipe: the training recipe's name, when the method can be trained.
         downloads: where its official files come from and where idfusion looks for them
             (:class:`~idfusion.hub.DownloadSource`; ``idfusion download`` fetches them, the release first).
@@ -194,6 +196,7 @@ class MethodSpec:
     max_images: int | None = None
     converter: str | None = None
     bench: str | None = None
+    release: str | None = None
     recipe: str | None = None
     downloads: tuple[DownloadSource, ...] = ()
 
@@ -451,6 +454,7 @@ register_method(
         default_model=_ARC2FACE.repo_id,
         tiny="idfusion.testing.tiny_arc2face:write_arc2face",
         bench="idfusion.bench:ARC2FACE",
+        release="idfusion.official.arc2face",
         downloads=_ARC2FACE_DOWNLOADS,
         recipe="arc2face",
     )
@@ -515,6 +519,7 @@ register_method(
         tiny="idfusion.testing.tiny_flashface:write_flashface",
         converter="idfusion.convert.flashface:convert_flashface",
         bench="idfusion.bench:FLASHFACE",
+        release="idfusion.official.flashface",
         recipe="flashface",
         downloads=(_FLASHFACE,),
     )
