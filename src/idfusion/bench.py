@@ -464,8 +464,6 @@ def format_table(report: dict) -> str:
 
 def write_benchmarks_doc(path: str | os.PathLike, report: dict, command: str) -> Path:
     """Replace (or add) this method's section of docs/benchmarks.md with the report and the command that made it."""
-    from .images import atomic_write_bytes
-
     path = Path(path)
     text = (
         path.read_text()
@@ -499,6 +497,14 @@ def write_benchmarks_doc(path: str | os.PathLike, report: dict, command: str) ->
             end,
         ]
     )  # fmt: skip
+    return replace_section(path, text, begin, end, section)
+
+
+def replace_section(path: Path, text: str, begin: str, end: str, section: str) -> Path:
+    """Write ``text`` to ``path`` atomically with the part from ``begin`` to ``end`` replaced by ``section`` (which
+    carries both markers), or ``section`` appended where the markers are absent."""
+    from .images import atomic_write_bytes
+
     if begin in text and end in text:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
     else:

@@ -246,16 +246,15 @@ class ReleaseReadProcessor:
         if self.bank.writing:
             self.bank.tokens[self.key] = y
             return _attention(attn, y, y)
-        tokens = self.bank.tokens[self.key]
-        lam = self.bank.strength.to(y).view(batch, 1, 1)
+        tokens = self.bank.tokens.get(self.key)  # None: nothing referenced
+        lam = self.bank.strength.to(y).view(batch, 1, 1) if tokens is not None else y.new_zeros(batch, 1, 1)
         ref = self.reference_attention
-        n, length, channels = tokens.shape
-        repeated = tokens.reshape(1, n * length, channels).repeat(batch, 1, 1)  # (B, n*L, C), materialised
-        return (
-            _attention(attn, y, y)
-            + (1 - lam) * _attention(ref, y, y)
-            + lam * _attention(ref, y, torch.cat([y, repeated], dim=1))
-        )
+        out = _attention(attn, y, y) + (1 - lam) * _attention(ref, y, y)
+        if tokens is not None:
+            n, length, channels = tokens.shape
+            repeated = tokens.reshape(1, n * length, channels).repeat(batch, 1, 1)  # (B, n*L, C), materialised
+            out = out + lam * _attention(ref, y, torch.cat([y, repeated], dim=1))
+        return out
 
 
 def flashface_release_loop(pipe, crops: np.ndarray, steps: int, seed: int, size: int, on_step=None) -> np.ndarray:

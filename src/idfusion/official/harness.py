@@ -278,7 +278,7 @@ def format_release_table(report: dict) -> str:
 
 def write_release_doc(path: str | os.PathLike[str], report: dict, command: str) -> Path:
     """Replace (or add) this method's ``--against official`` section of a Markdown file."""
-    from ..images import atomic_write_bytes
+    from ..bench import replace_section
 
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -300,9 +300,4 @@ def write_release_doc(path: str | os.PathLike[str], report: dict, command: str) 
         "<details><summary>JSON</summary>", "", "```json",
         json.dumps({k: v for k, v in report.items()}, indent=1), "```", "", "</details>", end,
     ])  # fmt: skip
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_bytes(path, text.encode())
-    return path
+    return replace_section(path, text, begin, end, section)

@@ -10,33 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from ..official.flashface import ReleaseReadProcessor
+
 __all__ = ["OfficialReadProcessor", "use_official_processors", "flashface_official_loop"]
 
 
-class OfficialReadProcessor:
-    """The official reference update written out as the released code computes it: every term for every sample of
-    the batch, with the reference tokens repeated per sample (``(n, L, C) -> (B, n*L, C)``) before projection."""
-
-    def __init__(self, bank, key, reference_attention):
-        self.bank, self.key, self.reference_attention = bank, key, reference_attention
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        from ..methods.flashface import _attention
-
-        y = hidden_states
-        batch = y.shape[0]
-        if self.bank.writing:
-            self.bank.tokens[self.key] = y
-            return _attention(attn, y, y)
-        tokens = self.bank.tokens.get(self.key)
-        lam = self.bank.strength.to(y).view(batch, 1, 1) if tokens is not None else y.new_zeros(batch, 1, 1)
-        ref = self.reference_attention
-        out = _attention(attn, y, y) + (1 - lam) * _attention(ref, y, y)
-        if tokens is not None:
-            n, length, channels = tokens.shape
-            repeated = tokens.reshape(1, n * length, channels).repeat(batch, 1, 1)  # (B, n*L, C), materialised
-            out = out + lam * _attention(ref, y, torch.cat([y, repeated], dim=1))
-        return out
+# the release's reference update, as the bench's reference loop runs it
+OfficialReadProcessor = ReleaseReadProcessor
 
 
 def use_official_processors(pipe) -> None:
